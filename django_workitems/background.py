@@ -1,0 +1,345 @@
+"""BackgroundProcessingService: runs cycles on the poll interval until it is stopped.
+
+The coordinator (the thread that calls :meth:`BackgroundProcessingService.run`, the main
+thread under ``runworkitems``) owns the scheduler. Other threads never touch it: they post
+events to a queue and wake the coordinator through a socket pair, which is also where the
+operating system writes on SIGTERM/SIGINT (``signal.set_wakeup_fd``), so the signal handlers
+only set flags and the coordinator still reacts at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
+from types import FrameType
+from typing import Any
+
+from django.db import DatabaseError, connections
+
+from . import recording
+from .conf import app_settings
+from .handlers import CancellationToken, Purpose
+from .models import Worker
+from .processing import (
+    Activation,
+    ActivationResult,
+    CycleResult,
+    WorkItemProcessingService,
+    release_connections,
+)
+from .registry import HandlerRegistry, Registration
+from .registry import registry as default_registry
+from .scheduling import Scheduler, fair_shares
+
+logger = logging.getLogger("django_workitems.background")
+
+REFRESH_INTERVAL = 1.0
+"""Seconds between reads of the handler rows (enabled flags and run requests)."""
+
+
+class Waker:
+    """Wakes a thread blocked in :meth:`wait` from any thread, or from a signal."""
+
+    def __init__(self) -> None:
+        self._read, self._write = socket.socketpair()
+        self._read.setblocking(False)
+        self._write.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._read, selectors.EVENT_READ)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._write.send(b"\0")
+
+    def wait(self, timeout: float | None) -> None:
+        """Block until woken or ``timeout`` seconds pass; clears pending wake-ups."""
+        if self._selector.select(timeout):
+            with contextlib.suppress(BlockingIOError, OSError):
+                while self._read.recv(4096):
+                    pass
+
+    @property
+    def signal_fd(self) -> int:
+        return self._write.fileno()
+
+    def close(self) -> None:
+        self._selector.close()
+        self._read.close()
+        self._write.close()
+
+
+class BackgroundProcessingService:
+    """Drives the selected handlers until :meth:`stop` (or SIGTERM/SIGINT).
+
+    Each pass of the loop applies finished fetches and activations to the scheduler, reads
+    the handler rows at most once a second, and starts the fetches the scheduler asks for.
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: HandlerRegistry | None = None,
+        handlers: Iterable[str] | None = None,
+        purpose: Purpose | str | None = None,
+        workers: int | None = None,
+        poll_interval: timedelta | None = None,
+        install_signal_handlers: bool = False,
+    ) -> None:
+        self.registry = registry if registry is not None else default_registry
+        self.registrations: list[Registration] = self.registry.select(handlers, purpose)
+        self.workers = workers if workers is not None else app_settings.workers
+        self.poll_interval = poll_interval
+        self.install_signal_handlers = install_signal_handlers
+        self.worker: Worker | None = None
+        self._waker = Waker()
+        self._events: queue.SimpleQueue[tuple[str, Activation]] = queue.SimpleQueue()
+        self._stop_requested = False
+        self._sigints = 0
+        self._force_exit = False
+        self._token = CancellationToken()
+        self._service: WorkItemProcessingService | None = None
+        self._started = threading.Event()
+
+    # -- control ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to shut down (thread-safe)."""
+        self._stop_requested = True
+        self._waker.wake()
+
+    def wake(self) -> None:
+        """Re-read the handler rows now instead of within a second (thread-safe)."""
+        self._waker.wake()
+
+    @property
+    def started(self) -> threading.Event:
+        """Set once the worker row exists and the pool is running."""
+        return self._started
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Only flags: the wake-up fd has already woken the coordinator.
+        self._stop_requested = True
+        if signum == signal.SIGINT:
+            self._sigints += 1
+            if self._sigints >= 2:
+                self._force_exit = True
+
+    def _check_force_exit(self) -> bool:
+        if self._force_exit:
+            logger.warning("Second interrupt: exiting at once")
+            os._exit(130)
+        return False
+
+    # -- running ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[WorkItemProcessingService]:
+        """Sync handlers, register the worker, run the pool; always shut down cleanly."""
+        recording.sync_handlers(self.registry)
+        self.worker = recording.register_worker()
+        worker_id = self.worker.pk
+        lease_timeout = app_settings.lease_timeout
+        shutdown_timeout = app_settings.shutdown_timeout.total_seconds()
+
+        def beat() -> None:
+            recording.heartbeat(worker_id)
+            abandoned = recording.abandon_runs_of_dead_workers(lease_timeout)
+            if abandoned:
+                logger.warning("Marked %d runs of dead workers abandoned", abandoned)
+
+        service = WorkItemProcessingService(
+            workers=self.workers,
+            worker_id=worker_id,
+            lease_owner=self.worker.lease_owner,
+            cancel=self._token,
+            on_fetched=lambda a: self._post("fetched", a),
+            on_finished=lambda a: self._post("finished", a),
+            on_room=self._waker.wake,
+            on_beat=beat,
+        )
+        self._service = service
+        restore = self._install_signals()
+        try:
+            recording.abandon_runs_of_dead_workers(lease_timeout)
+            service.start()
+            self._started.set()
+            logger.info(
+                "Worker %s started: %d handlers, %d threads, queue of %d",
+                self.worker,
+                len(self.registrations),
+                service.workers,
+                service.queue_size,
+            )
+            yield service
+        finally:
+            logger.info("Worker %s stopping", self.worker)
+            service.stop(shutdown_timeout, abort=self._check_force_exit)
+            try:
+                recording.stop_worker(worker_id)
+            except DatabaseError:
+                logger.exception("Could not record the stop of worker %s", self.worker)
+            restore()
+            connections.close_all()
+            logger.info("Worker %s stopped", self.worker)
+
+    def _post(self, kind: str, activation: Activation) -> None:
+        self._events.put((kind, activation))
+        self._waker.wake()
+
+    def _install_signals(self) -> Any:
+        if (
+            not self.install_signal_handlers
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            return lambda: None
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        previous_fd = signal.set_wakeup_fd(self._waker.signal_fd, warn_on_full_buffer=False)
+
+        def restore() -> None:
+            signal.set_wakeup_fd(previous_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    def run(self) -> None:
+        """Run until stopped: every handler is due at start, then on its poll interval."""
+        scheduler = Scheduler(self.registrations, poll_interval=self.poll_interval)
+        states: dict[str, recording.HandlerState] = {}
+        try:
+            with self._session() as service:
+                next_refresh = 0.0
+                while not self._stop_requested:
+                    now = time.monotonic()
+                    if now >= next_refresh:
+                        states = self._refresh(scheduler, states)
+                        next_refresh = now + REFRESH_INTERVAL
+                    self._apply_events(scheduler, now)
+                    self._start_due(service, scheduler, states, now)
+                    until_due = scheduler.seconds_until_due(now)
+                    timeout = next_refresh - now
+                    if until_due is not None:
+                        timeout = min(timeout, until_due)
+                    self._waker.wait(max(0.0, timeout))
+        finally:
+            self._waker.close()
+
+    def run_once(self) -> CycleResult:
+        """One cycle of the selected handlers: fetch each once, process everything fetched."""
+        result = CycleResult()
+        activations: list[Activation] = []
+        try:
+            with self._session() as service:
+                states = recording.handler_states(r.name for r in self.registrations)
+                plan: list[tuple[Registration, int]] = []
+                for reg in self.registrations:
+                    state = states.get(reg.name)
+                    if state is None or not state.is_enabled:
+                        result.handlers[reg.name] = ActivationResult(reg.name, skipped="disabled")
+                    else:
+                        plan.append((reg, reg.max_items_per_cycle))
+                asks = fair_shares(service.queue_size, [want for _, want in plan])
+                for (reg, _), ask in zip(plan, asks, strict=True):
+                    activation = None
+                    if ask:
+                        activation = service.activate(
+                            reg, handler_id=states[reg.name].handler_id, max_items=ask
+                        )
+                    if activation is None:
+                        result.handlers[reg.name] = ActivationResult(
+                            reg.name, skipped="no room in the channel"
+                        )
+                    else:
+                        activations.append(activation)
+                while not self._stop_requested and not all(a.done.is_set() for a in activations):
+                    self._waker.wait(REFRESH_INTERVAL)
+        finally:
+            self._waker.close()
+        for activation in activations:
+            result.handlers[activation.name] = activation.result
+        return CycleResult(dict(sorted(result.handlers.items())))
+
+    def _refresh(
+        self, scheduler: Scheduler, states: dict[str, recording.HandlerState]
+    ) -> dict[str, recording.HandlerState]:
+        try:
+            fresh = recording.handler_states(scheduler.names)
+        except DatabaseError:
+            logger.exception("Could not read the handler rows; retrying")
+            return states
+        finally:
+            release_connections(idle=False)
+        scheduler.note_requests({name: s.run_requested_at for name, s in fresh.items()})
+        return fresh
+
+    def _apply_events(self, scheduler: Scheduler, now: float) -> None:
+        while True:
+            try:
+                kind, activation = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "fetched":
+                scheduler.fetch_finished(
+                    activation.name,
+                    asked=activation.max_items,
+                    fetched=activation.result.fetched,
+                    failed=activation.result.fetch_failed or bool(activation.result.skipped),
+                    now=now,
+                )
+            else:
+                scheduler.activation_finished(activation.name)
+
+    def _start_due(
+        self,
+        service: WorkItemProcessingService,
+        scheduler: Scheduler,
+        states: dict[str, recording.HandlerState],
+        now: float,
+    ) -> None:
+        channel = service.channel
+        plan = scheduler.plan(
+            now,
+            enabled=lambda name: name in states and states[name].is_enabled,
+            room=channel.room(),
+            queued=channel.queued,
+            capacity=channel.capacity,
+        )
+        for reg, ask in plan:
+            activation = service.activate(
+                reg, handler_id=states[reg.name].handler_id, max_items=ask
+            )
+            if activation is not None:
+                scheduler.fetch_started(reg.name, now)
+
+
+def run_once(
+    handlers: Iterable[str] | None = None,
+    purpose: Purpose | str | None = None,
+    *,
+    registry: HandlerRegistry | None = None,
+    workers: int | None = None,
+) -> CycleResult:
+    """One full cycle of the selected handlers, blocking; syncs handler rows and records runs."""
+    return BackgroundProcessingService(
+        registry=registry, handlers=handlers, purpose=purpose, workers=workers
+    ).run_once()
+
+
+def notify(name: str, *, registry: HandlerRegistry | None = None) -> None:
+    """Ask running workers to activate handler ``name`` now."""
+    registry = registry if registry is not None else default_registry
+    registry.get(name)  # an unknown name is an error here, not a silent no-op
+    if not recording.request_run(name):
+        recording.sync_handlers(registry)
+        recording.request_run(name)

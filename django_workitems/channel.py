@@ -1,0 +1,184 @@
+"""The bounded channel between fetches and the pool, fair across handlers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+E = TypeVar("E")
+
+
+class FairChannel(Generic[E]):
+    """A bounded queue of entries keyed by handler, handed out round-robin across keys.
+
+    Capacity is counted in entries queued plus slots *reserved* for fetches in flight, so
+    items fetched but not yet started never exceed ``capacity`` (the handlers are asked for no
+    more than they were given room for). ``take`` skips keys at their concurrency limit.
+    One condition variable guards all state; callbacks run outside it.
+    """
+
+    def __init__(self, capacity: int, on_room: Callable[[], None] | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity!r}")
+        self.capacity = capacity
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque[E]] = {}
+        self._ring: deque[str] = deque()  # keys with queued entries, in turn order
+        self._reserved: Counter[str] = Counter()
+        self._in_process: Counter[str] = Counter()
+        self._limits: dict[str, int] = {}
+        self._size = 0
+        self._closed = False
+        self._on_room = on_room
+        self._low_water = max(1, capacity // 2)
+
+    # -- producers --------------------------------------------------------------------------
+
+    def room(self) -> int:
+        """Free slots: capacity less entries queued and slots reserved."""
+        with self._cond:
+            return self._room()
+
+    def _room(self) -> int:
+        return self.capacity - self._size - sum(self._reserved.values())
+
+    def queued(self, key: str) -> int:
+        """Entries of ``key`` queued or reserved (not those in process)."""
+        with self._cond:
+            return len(self._queues.get(key, ())) + self._reserved[key]
+
+    def in_process(self, key: str) -> int:
+        with self._cond:
+            return self._in_process[key]
+
+    def reserve(self, key: str, count: int) -> int:
+        """Reserve up to ``count`` slots for a fetch of ``key``; returns how many were granted."""
+        with self._cond:
+            granted = max(0, min(count, self._room()))
+            if granted:
+                self._reserved[key] += granted
+            return granted
+
+    def unreserve(self, key: str, count: int) -> None:
+        """Return reserved slots that a fetch did not fill."""
+        with self._cond:
+            self._release_reservation(key, count)
+        self._room_freed()
+
+    def _release_reservation(self, key: str, count: int) -> None:
+        left = self._reserved[key] - count
+        if left > 0:
+            self._reserved[key] = left
+        else:
+            del self._reserved[key]
+
+    def put(self, key: str, entries: Sequence[E], reserved: int) -> bool:
+        """Queue ``entries`` of ``key`` in place of ``reserved`` slots; False once closed.
+
+        Entries beyond the reservation are still accepted (a handler that returns more than it
+        was asked for must not lose items), which is the only way past ``capacity``.
+        """
+        with self._cond:
+            self._release_reservation(key, reserved)
+            if self._closed:
+                return False
+            if entries:
+                queue = self._queues.get(key)
+                if queue is None:
+                    queue = self._queues[key] = deque()
+                if not queue:
+                    self._ring.append(key)
+                queue.extend(entries)
+                self._size += len(entries)
+                self._cond.notify(len(entries))
+            return True
+
+    def set_limit(self, key: str, limit: int | None) -> None:
+        """At most ``limit`` entries of ``key`` in process at once (None: no limit)."""
+        with self._cond:
+            if limit is None:
+                self._limits.pop(key, None)
+            else:
+                self._limits[key] = limit
+            self._cond.notify_all()
+
+    # -- consumers --------------------------------------------------------------------------
+
+    def take(self, timeout: float | None = None) -> tuple[str, E] | None:
+        """Next entry in round-robin order; None on time-out or once the channel is closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        notify_room = False
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                found = self._next()
+                if found is not None:
+                    room = self._room()
+                    emptied = found[0] not in self._ring
+                    notify_room = emptied or room == self._low_water
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+        if notify_room:
+            self._room_freed()
+        return found
+
+    def _next(self) -> tuple[str, E] | None:
+        for _ in range(len(self._ring)):
+            key = self._ring[0]
+            self._ring.rotate(-1)  # key is now last: the next take starts with its successor
+            limit = self._limits.get(key)
+            if limit is not None and self._in_process[key] >= limit:
+                continue
+            queue = self._queues[key]
+            entry = queue.popleft()
+            if not queue:
+                self._ring.pop()
+            self._size -= 1
+            self._in_process[key] += 1
+            return key, entry
+        return None
+
+    def task_done(self, key: str) -> None:
+        """An entry of ``key`` taken earlier has been processed."""
+        with self._cond:
+            self._in_process[key] -= 1
+            if self._in_process[key] <= 0:
+                del self._in_process[key]
+            if key in self._limits:
+                self._cond.notify_all()
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Refuse new entries and wake every consumer; queued entries stay for :meth:`drain`."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def drain(self) -> list[tuple[str, E]]:
+        """Remove and return every queued entry (those never started)."""
+        with self._cond:
+            drained = [(key, entry) for key, queue in self._queues.items() for entry in queue]
+            self._queues.clear()
+            self._ring.clear()
+            self._size = 0
+            return drained
+
+    def __len__(self) -> int:
+        with self._cond:
+            return self._size
+
+    def _room_freed(self) -> None:
+        if self._on_room is not None:
+            self._on_room()

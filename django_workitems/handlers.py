@@ -1,0 +1,119 @@
+"""The handler contract: what a developer writes to give the workers something to do."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Sequence
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
+
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+from .exceptions import Cancelled
+
+T = TypeVar("T")
+
+
+class Purpose(models.TextChoices):
+    """What a handler is for; used to filter handlers in the admin, GraphQL and the command."""
+
+    INGESTION = "ingestion", _("Ingestion")
+    INTERNAL = "internal", _("Internal")
+    EXPORT = "export", _("Export")
+
+
+@runtime_checkable
+class WorkItem(Protocol):
+    """Any object with an ``id`` (a UUID, an int, a string...)."""
+
+    id: Any
+
+
+class CancellationToken:
+    """Cooperative cancellation, set on shutdown and when a run is cancelled.
+
+    Tokens form a tree: cancelling a token cancels every token created from it with
+    :meth:`child`, so one shutdown reaches every activation without a registry of them.
+    """
+
+    def __init__(self, parent: CancellationToken | None = None) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._children: weakref.WeakSet[CancellationToken] = weakref.WeakSet()
+        if parent is not None:
+            parent._adopt(self)
+
+    def _adopt(self, child: CancellationToken) -> None:
+        with self._lock:
+            self._children.add(child)
+            cancelled = self._event.is_set()
+        if cancelled:
+            child.cancel()
+
+    def child(self) -> CancellationToken:
+        """A token that is cancelled with this one, and may be cancelled on its own."""
+        return CancellationToken(parent=self)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancellation was requested."""
+        return self._event.is_set()
+
+    def cancel(self) -> None:
+        """Request cancellation of this token and of all its children."""
+        with self._lock:
+            self._event.set()
+            children = list(self._children)
+        for child in children:
+            child.cancel()
+
+    def raise_if_cancelled(self) -> None:
+        """Raise :class:`Cancelled` if cancellation was requested."""
+        if self._event.is_set():
+            raise Cancelled("The work was cancelled")
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; return True at once when cancelled, False on time-out."""
+        return self._event.wait(max(0.0, seconds))
+
+    def __repr__(self) -> str:
+        return f"<CancellationToken cancelled={self.cancelled}>"
+
+
+class WorkItemHandler(ABC, Generic[T]):
+    """Base class of handlers: pull pending work with ``fetch_next``, do one item in ``process``.
+
+    A new instance is created for every activation (one fetch and the processing of what it
+    returned), so per-activation state such as an HTTP session may live on ``self``. Items of one
+    activation may be processed concurrently by several pool threads.
+    Either method may be ``async def``; the framework runs the coroutine to completion.
+    """
+
+    exclusive_by_default: ClassVar[bool] = True
+    """Default of the ``exclusive`` registration option for this class."""
+
+    @abstractmethod
+    def fetch_next(
+        self, max_items: int, cancel: CancellationToken
+    ) -> Sequence[T] | Awaitable[Sequence[T]]:
+        """Return up to ``max_items`` pending work items (an empty sequence when there are none)."""
+
+    @abstractmethod
+    def process(self, item: T, cancel: CancellationToken) -> None | Awaitable[None]:
+        """Do the work of one item; raise to record it as failed."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, deliberately empty
+        """Called once when the activation ends, after its last item."""
+
+    def backlog(self) -> int | None:
+        """How many items are waiting, for the admin and GraphQL; None when unknown."""
+        return None
+
+    def release(self, items: Sequence[T]) -> None:  # noqa: B027 - optional hook
+        """Give back items that were fetched but never started (on shutdown).
+
+        Handlers whose ``fetch_next`` only reads need nothing here: the items were never touched.
+        Handlers that claim items in ``fetch_next`` undo the claim.
+        """

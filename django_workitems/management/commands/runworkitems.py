@@ -1,0 +1,122 @@
+"""``manage.py runworkitems``: parse, validate, configure logging, hand over to the service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from datetime import timedelta
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from django_workitems.background import BackgroundProcessingService
+from django_workitems.conf import app_settings, parse_duration
+from django_workitems.exceptions import UnknownHandlerError
+from django_workitems.handlers import Purpose
+from django_workitems.log import configure_logging
+from django_workitems.reports import handler_table
+from django_workitems.registry import registry
+
+EXIT_FETCH_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _duration(value: str) -> timedelta:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid duration {value!r}: {exc}") from None
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+class Command(BaseCommand):
+    help = "Run the registered work item handlers until SIGTERM or SIGINT (or once, with --once)."
+    requires_system_checks: list[str] = []  # checked in handle(), to exit 2 on bad settings
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--once", action="store_true", help="Run one cycle, then exit.")
+        parser.add_argument(
+            "--handler",
+            action="append",
+            dest="handlers",
+            metavar="NAME",
+            help="Run only this handler (repeatable).",
+        )
+        parser.add_argument(
+            "--purpose",
+            choices=[p.value for p in Purpose],
+            help="Run only handlers of this purpose.",
+        )
+        parser.add_argument(
+            "--workers", type=_positive, metavar="N", help="Threads processing items."
+        )
+        parser.add_argument(
+            "--poll-interval",
+            type=_duration,
+            metavar="HH:MM:SS",
+            help="Poll interval for handlers without their own.",
+        )
+        parser.add_argument("--list", action="store_true", help="List the handlers and exit.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        self._check_configuration()
+        configure_logging(options["verbosity"])
+        try:
+            if options["list"]:
+                self.stdout.write(
+                    handler_table(registry.select(options["handlers"], options["purpose"]))
+                )
+                return
+            service = BackgroundProcessingService(
+                handlers=options["handlers"],
+                purpose=options["purpose"],
+                workers=options["workers"],
+                poll_interval=options["poll_interval"],
+                install_signal_handlers=True,
+            )
+        except (UnknownHandlerError, ImproperlyConfigured) as exc:
+            raise CommandError(str(exc), returncode=EXIT_USAGE) from exc
+        if not service.registrations:
+            raise CommandError(
+                "No handlers selected: none are registered, or none match.", returncode=EXIT_USAGE
+            )
+        if not options["once"]:
+            service.run()
+            return
+        result = service.run_once()
+        for outcome in result:
+            state = outcome.skipped and f"skipped ({outcome.skipped})" or outcome.status or "-"
+            self.stdout.write(
+                f"{outcome.handler}: {state}, {outcome.fetched} fetched, "
+                f"{outcome.succeeded} succeeded, {outcome.failed} failed"
+            )
+        if not result.ok:
+            raise CommandError(
+                f"fetch failed for: {', '.join(result.failed_fetches)}",
+                returncode=EXIT_FETCH_FAILED,
+            )
+
+    def _check_configuration(self) -> None:
+        """Fail with exit code 2, before any handler runs, on a bad setting or check error."""
+        problems = app_settings.problems()
+        if problems:
+            raise CommandError(
+                "Invalid settings:\n" + "\n".join(f"{p.check_id}: {p}" for p in problems),
+                returncode=EXIT_USAGE,
+            )
+        from django.core.management.base import SystemCheckError
+
+        try:
+            self.check(display_num_errors=False)
+        except SystemCheckError as exc:
+            raise CommandError(str(exc), returncode=EXIT_USAGE) from exc

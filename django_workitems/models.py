@@ -1,0 +1,186 @@
+"""Handler metadata, run history and workers."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+from model_utils.models import TimeStampedModel
+
+from .handlers import Purpose
+
+
+class WorkerQuerySet(models.QuerySet["Worker"]):
+    def alive(self, lease_timeout: timedelta) -> WorkerQuerySet:
+        """Workers that heartbeated within ``lease_timeout`` and have not stopped."""
+        return self.filter(
+            stopped_at__isnull=True, last_heartbeat_at__gte=timezone.now() - lease_timeout
+        )
+
+    def dead(self, lease_timeout: timedelta) -> WorkerQuerySet:
+        """Workers that stopped, or whose heartbeat is older than ``lease_timeout``."""
+        return self.filter(
+            Q(stopped_at__isnull=False) | Q(last_heartbeat_at__lt=timezone.now() - lease_timeout)
+        )
+
+
+class Worker(models.Model):
+    """One ``runworkitems`` process."""
+
+    hostname = models.CharField(_("hostname"), max_length=255)
+    pid = models.PositiveIntegerField(_("pid"))
+    started_at = models.DateTimeField(_("started at"), default=timezone.now)
+    last_heartbeat_at = models.DateTimeField(_("last heartbeat at"), default=timezone.now)
+    stopped_at = models.DateTimeField(_("stopped at"), null=True, blank=True)
+
+    objects = WorkerQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-started_at", "-id"]
+        indexes = [models.Index(fields=["last_heartbeat_at"], name="workitems_worker_heartbeat")]
+        verbose_name = _("worker")
+        verbose_name_plural = _("workers")
+
+    def __str__(self) -> str:
+        return f"{self.hostname}:{self.pid}"
+
+    @property
+    def lease_owner(self) -> str:
+        """The identity this worker writes into the leases it holds."""
+        return f"worker:{self.pk}"
+
+
+class HandlerQuerySet(models.QuerySet["Handler"]):
+    def registered(self) -> HandlerQuerySet:
+        return self.filter(is_registered=True)
+
+    def enabled(self) -> HandlerQuerySet:
+        return self.filter(is_enabled=True)
+
+
+class Handler(TimeStampedModel):
+    """A registered handler, synced from the registry when a worker starts."""
+
+    name = models.CharField(_("name"), max_length=100, unique=True)
+    purpose = models.CharField(
+        _("purpose"), max_length=20, choices=Purpose.choices, default=Purpose.INTERNAL
+    )
+    max_items_per_cycle = models.PositiveIntegerField(_("max items per cycle"), default=10)
+    handler_class = models.CharField(_("handler class"), max_length=255, blank=True)
+    is_enabled = models.BooleanField(_("enabled"), default=True)
+    is_registered = models.BooleanField(
+        _("registered"), default=True, help_text=_("False once the code no longer registers it.")
+    )
+    run_requested_at = models.DateTimeField(_("run requested at"), null=True, blank=True)
+    lease_owner = models.CharField(_("lease owner"), max_length=100, blank=True, default="")
+    lease_expires_at = models.DateTimeField(_("lease expires at"), null=True, blank=True)
+
+    objects = HandlerQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = _("handler")
+        verbose_name_plural = _("handlers")
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class RunStatus(models.TextChoices):
+    RUNNING = "running", _("Running")
+    SUCCEEDED = "succeeded", _("Succeeded")
+    PARTIAL = "partial", _("Partial (some items failed)")
+    FAILED = "failed", _("Failed (the fetch failed)")
+    CANCELLED = "cancelled", _("Cancelled")
+    ABANDONED = "abandoned", _("Abandoned (its worker died)")
+
+
+class HandlerRunQuerySet(models.QuerySet["HandlerRun"]):
+    def running(self) -> HandlerRunQuerySet:
+        return self.filter(status=RunStatus.RUNNING)
+
+    def finished(self) -> HandlerRunQuerySet:
+        return self.exclude(status=RunStatus.RUNNING)
+
+
+class HandlerRun(models.Model):
+    """One activation of a handler: a fetch and the processing of what it returned."""
+
+    Status = RunStatus
+
+    handler = models.ForeignKey(
+        Handler, on_delete=models.CASCADE, related_name="runs", verbose_name=_("handler")
+    )
+    status = models.CharField(
+        _("status"), max_length=20, choices=RunStatus.choices, default=RunStatus.RUNNING
+    )
+    started_at = models.DateTimeField(_("started at"), default=timezone.now)
+    finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+    items_fetched = models.PositiveIntegerField(_("items fetched"), default=0)
+    items_succeeded = models.PositiveIntegerField(_("items succeeded"), default=0)
+    items_failed = models.PositiveIntegerField(_("items failed"), default=0)
+    error = models.TextField(_("error"), blank=True)
+    worker = models.ForeignKey(
+        Worker,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="runs",
+        verbose_name=_("worker"),
+    )
+
+    objects = HandlerRunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-started_at", "-id"]
+        indexes = [
+            models.Index(fields=["handler", "-started_at"], name="workitems_run_handler_started"),
+            models.Index(fields=["status", "worker"], name="workitems_run_status_worker"),
+            models.Index(fields=["started_at"], name="workitems_run_started"),
+        ]
+        verbose_name = _("handler run")
+        verbose_name_plural = _("handler runs")
+
+    def __str__(self) -> str:
+        return f"{self.handler_id} run {self.pk} ({self.status})"
+
+    @property
+    def duration(self) -> timedelta | None:
+        """Wall time from start to finish, None while running."""
+        if self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+    @property
+    def duration_seconds(self) -> float | None:
+        duration = self.duration
+        return None if duration is None else duration.total_seconds()
+
+
+class ItemFailure(models.Model):
+    """One failed item of a run, with its traceback."""
+
+    run = models.ForeignKey(
+        HandlerRun, on_delete=models.CASCADE, related_name="failures", verbose_name=_("run")
+    )
+    item_id = models.CharField(_("item id"), max_length=255, db_index=True)
+    error_type = models.CharField(_("error type"), max_length=255)
+    message = models.TextField(_("message"), blank=True)
+    traceback = models.TextField(_("traceback"), blank=True)
+    occurred_at = models.DateTimeField(_("occurred at"), default=timezone.now)
+
+    class Meta:
+        ordering = ["occurred_at", "id"]
+        verbose_name = _("item failure")
+        verbose_name_plural = _("item failures")
+
+    def __str__(self) -> str:
+        return f"{self.item_id}: {self.error_type}"
+
+
+def lease_is_free(now: datetime) -> Q:
+    """Rows whose lease nobody holds, or whose holder let it expire."""
+    return Q(lease_owner="") | Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)

@@ -1,0 +1,707 @@
+"""WorkItemProcessingService: fetches in parallel, a fair bounded channel, a pool of threads.
+
+Threads and who owns what:
+
+- each fetch runs on a short-lived daemon thread of its own, so a slow fetch never holds back
+  another handler's items;
+- ``workers`` pool threads take items from the channel and process them; each owns its Django
+  connections, keeps them through a burst of items and closes them when it goes idle or exits;
+- a keeper thread renews the leases of exclusive handlers (and, through ``on_beat``, the
+  worker's heartbeat) well inside ``LEASE_TIMEOUT``;
+- an :class:`Activation` is shared by its fetch thread and the pool threads that process its
+  items; its counters are guarded by its own lock, and it is finished exactly once, by
+  whichever thread sees its last item end.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from django.db import connections
+from django.utils import timezone
+
+from . import recording
+from .channel import FairChannel
+from .conf import app_settings
+from .exceptions import Cancelled
+from .handlers import CancellationToken, WorkItemHandler
+from .models import RunStatus
+from .recording import FailureRecord
+from .registry import Registration
+
+logger = logging.getLogger("django_workitems.processing")
+
+FLUSH_INTERVAL = 2.0
+"""Seconds between progress writes of a long activation (counts and failures, in one batch)."""
+
+
+def call_handler(method: Callable[..., Any], *args: Any) -> Any:
+    """Call a handler method; if it is ``async def``, run the coroutine to completion.
+
+    ``async_to_sync`` runs thread-sensitive ORM calls back on this thread, so an async handler
+    uses the calling pool thread's own connection.
+    """
+    result = method(*args)
+    if inspect.isawaitable(result):
+        return async_to_sync(_await)(result)
+    return result
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def describe_item(item: object) -> str:
+    """The id of an item for logs and failures: ``item.id``, ``item["id"]`` or the item."""
+    ident = getattr(item, "id", None)
+    if ident is None and isinstance(item, Mapping):
+        ident = item.get("id")
+    return str(item if ident is None else ident)[:255]
+
+
+def release_connections(*, idle: bool) -> None:
+    """Close this thread's connections that are broken, obsolete or, when ``idle``, stale.
+
+    Django's ``close_old_connections`` applied per burst: a busy pool thread keeps its
+    connection from one item to the next even with ``CONN_MAX_AGE = 0``, and closes it as
+    soon as it has nothing to do.
+    """
+    for conn in connections.all(initialized_only=True):
+        if conn.connection is None:
+            continue
+        if (
+            idle
+            or conn.errors_occurred
+            or conn.settings_dict.get("CONN_MAX_AGE", 0) != 0
+            or conn.get_autocommit() != conn.settings_dict.get("AUTOCOMMIT", True)
+        ):
+            conn.close_if_unusable_or_obsolete()
+
+
+@dataclass
+class ItemFailureInfo:
+    """One failed item of an activation."""
+
+    item_id: str
+    exception: BaseException
+    traceback: str
+
+
+@dataclass
+class ActivationResult:
+    """What one activation of a handler did."""
+
+    handler: str
+    status: str = ""
+    run_id: int | None = None
+    fetched: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    error: str = ""
+    skipped: str = ""
+    failures: list[ItemFailureInfo] = field(default_factory=list)
+
+    @property
+    def fetch_failed(self) -> bool:
+        return self.status == RunStatus.FAILED
+
+
+@dataclass
+class CycleResult:
+    """Per-handler outcome of one cycle (``run_once``, ``runworkitems --once``)."""
+
+    handlers: dict[str, ActivationResult] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> ActivationResult:
+        return self.handlers[name]
+
+    def __iter__(self) -> Iterator[ActivationResult]:
+        return iter(self.handlers.values())
+
+    @property
+    def fetched(self) -> int:
+        return sum(r.fetched for r in self)
+
+    @property
+    def succeeded(self) -> int:
+        return sum(r.succeeded for r in self)
+
+    @property
+    def failed(self) -> int:
+        return sum(r.failed for r in self)
+
+    @property
+    def failed_fetches(self) -> list[str]:
+        """Names of the handlers whose fetch raised."""
+        return [r.handler for r in self if r.fetch_failed]
+
+    @property
+    def ok(self) -> bool:
+        """True when every fetch ran (item failures are recorded, not fatal)."""
+        return not self.failed_fetches
+
+
+class Activation:
+    """One handler instance: its fetch, its items in the channel or in process, and its run."""
+
+    def __init__(
+        self,
+        registration: Registration,
+        *,
+        handler_id: int,
+        max_items: int,
+        token: CancellationToken,
+    ) -> None:
+        self.registration = registration
+        self.name = registration.name
+        self.handler_id = handler_id
+        self.max_items = max_items
+        self.token = token
+        self.handler: WorkItemHandler[Any] | None = None
+        self.run_id: int | None = None
+        self.started = time.monotonic()
+        self.lease_held = False
+        self.result = ActivationResult(handler=registration.name)
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._finished = False
+        self._last_flush = time.monotonic()
+        self._unflushed_succeeded = 0
+        self._unflushed_failed = 0
+        self._unflushed_failures: list[FailureRecord] = []
+
+    def log_extra(self, item_id: str | None = None) -> dict[str, object]:
+        return {"handler": self.name, "run_id": self.run_id, "work_item_id": item_id}
+
+    def items_queued(self, count: int) -> None:
+        with self._lock:
+            self._outstanding += count
+
+    def item_done(
+        self,
+        *,
+        succeeded: bool = False,
+        failure: FailureRecord | None = None,
+        info: ItemFailureInfo | None = None,
+        cancelled: int = 0,
+    ) -> tuple[bool, tuple[int, int, list[FailureRecord]] | None]:
+        """Count an item's outcome; returns (was it the last item, a batch to flush or None)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._finished:
+                return False, None
+            if succeeded:
+                self.result.succeeded += 1
+                self._unflushed_succeeded += 1
+            if failure is not None and info is not None:
+                self.result.failed += 1
+                self.result.failures.append(info)
+                self._unflushed_failed += 1
+                self._unflushed_failures.append(failure)
+            self.result.cancelled += cancelled
+            self._outstanding -= max(1, cancelled)
+            if self._outstanding <= 0:
+                return True, None
+            if now - self._last_flush >= FLUSH_INTERVAL:
+                self._last_flush = now
+                return False, self._take_unflushed()
+            return False, None
+
+    def _take_unflushed(self) -> tuple[int, int, list[FailureRecord]]:
+        batch = (self._unflushed_succeeded, self._unflushed_failed, self._unflushed_failures)
+        self._unflushed_succeeded = self._unflushed_failed = 0
+        self._unflushed_failures = []
+        return batch
+
+    def begin_finish(self) -> tuple[int, int, list[FailureRecord]] | None:
+        """Mark finished; returns the last batch, or None if another thread finished it."""
+        with self._lock:
+            if self._finished:
+                return None
+            self._finished = True
+            return self._take_unflushed()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+
+Entry = tuple[Activation, Any]
+
+
+class WorkItemProcessingService:
+    """Runs activations of handlers: parallel fetches, a fair bounded channel, a thread pool.
+
+    ``run_cycle`` runs one cycle (fetch all, process everything fetched) and returns its
+    result; :class:`~django_workitems.background.BackgroundProcessingService` drives it on a
+    schedule through ``activate``.
+    """
+
+    def __init__(
+        self,
+        *,
+        workers: int | None = None,
+        queue_size: int | None = None,
+        worker_id: int | None = None,
+        lease_owner: str | None = None,
+        cancel: CancellationToken | None = None,
+        on_fetched: Callable[[Activation], None] | None = None,
+        on_finished: Callable[[Activation], None] | None = None,
+        on_room: Callable[[], None] | None = None,
+        on_beat: Callable[[], None] | None = None,
+    ) -> None:
+        self.workers = workers if workers is not None else app_settings.workers
+        self.queue_size = queue_size if queue_size is not None else app_settings.queue_size
+        self.lease_timeout = app_settings.lease_timeout
+        self.worker_id = worker_id
+        self.lease_owner = lease_owner or (
+            f"process:{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        )
+        self.token = cancel or CancellationToken()
+        self.channel: FairChannel[Entry] = FairChannel(self.queue_size, on_room=on_room)
+        self._on_fetched = on_fetched
+        self._on_finished = on_finished
+        self._on_beat = on_beat
+        self._threads: list[threading.Thread] = []
+        self._fetch_threads: set[threading.Thread] = set()
+        self._active: set[Activation] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._keeper: threading.Thread | None = None
+        self._started = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the pool threads and the lease keeper."""
+        if self._started:
+            return
+        self._started = True
+        for number in range(self.workers):
+            thread = threading.Thread(
+                target=self._pool_worker, name=f"workitems-pool-{number}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        self._keeper = threading.Thread(
+            target=self._keep_leases, name="workitems-keeper", daemon=True
+        )
+        self._keeper.start()
+
+    def __enter__(self) -> WorkItemProcessingService:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop(app_settings.shutdown_timeout.total_seconds())
+
+    def active(self) -> list[Activation]:
+        with self._lock:
+            return list(self._active)
+
+    def stop(self, timeout: float, abort: Callable[[], bool] | None = None) -> None:
+        """Shut down: cancel, release unstarted items, give items in process ``timeout`` seconds.
+
+        Activations still unfinished after that are recorded ``cancelled``; the threads still
+        busy with them are daemons and do not keep the process alive.
+        """
+        self._stopping.set()
+        self.token.cancel()
+        self.channel.close()
+        self._release(self.channel.drain())
+        deadline = time.monotonic() + timeout
+        threads = [*self._threads, *self._fetch_threads_snapshot()]
+        for thread in threads:
+            while thread.is_alive() and time.monotonic() < deadline:
+                if abort is not None and abort():
+                    return
+                thread.join(min(0.1, max(0.0, deadline - time.monotonic())))
+        # Fetches that returned after the drain released their own items; anything left is
+        # still in process past the time-out.
+        self._release(self.channel.drain())
+        for activation in self.active():
+            if not activation.finished:
+                logger.warning(
+                    "Handler %s: items still in process after the shutdown timeout of %.1fs",
+                    activation.name,
+                    timeout,
+                    extra=activation.log_extra(),
+                )
+                self._finish(activation, forced=True)
+        if self._keeper is not None:
+            self._keeper.join(timeout=5)
+        connections.close_all()
+
+    def _fetch_threads_snapshot(self) -> list[threading.Thread]:
+        with self._lock:
+            return list(self._fetch_threads)
+
+    # -- activations ----------------------------------------------------------------------
+
+    def activate(
+        self, registration: Registration, *, handler_id: int, max_items: int
+    ) -> Activation | None:
+        """Start an activation: reserve channel room, then fetch on a thread of its own.
+
+        Returns None when the channel has no room or the service is stopping.
+        """
+        if self._stopping.is_set():
+            return None
+        granted = self.channel.reserve(registration.name, max_items)
+        if granted < 1:
+            return None
+        self.channel.set_limit(registration.name, registration.max_concurrency)
+        activation = Activation(
+            registration, handler_id=handler_id, max_items=granted, token=self.token.child()
+        )
+        thread = threading.Thread(
+            target=self._fetch,
+            args=(activation,),
+            name=f"workitems-fetch-{registration.name}",
+            daemon=True,
+        )
+        with self._lock:
+            self._active.add(activation)
+            self._fetch_threads.add(thread)
+        thread.start()
+        return activation
+
+    def run_cycle(self, plan: Sequence[tuple[Registration, int, int]]) -> list[Activation]:
+        """Activate every (registration, handler_id, max_items) of ``plan`` and wait for all."""
+        self.start()
+        activations = [
+            a
+            for reg, handler_id, max_items in plan
+            if (a := self.activate(reg, handler_id=handler_id, max_items=max_items)) is not None
+        ]
+        for activation in activations:
+            activation.done.wait()
+        return activations
+
+    def _fetch(self, activation: Activation) -> None:
+        reserved = activation.max_items
+        try:
+            reserved = self._fetch_and_queue(activation)
+        except BaseException as exc:  # the thread must end with the activation accounted for
+            logger.exception(
+                "Handler %s: the activation broke: %s",
+                activation.name,
+                exc,
+                extra=activation.log_extra(),
+            )
+            activation.result.error = activation.result.error or _format_exception(exc)
+            self._finish(activation)
+        finally:
+            if reserved:
+                self.channel.unreserve(activation.name, reserved)
+            connections.close_all()
+            with self._lock:
+                self._fetch_threads.discard(threading.current_thread())
+
+    def _fetch_and_queue(self, activation: Activation) -> int:
+        """Fetch and queue the items; returns the reserved slots left to give back."""
+        reg = activation.registration
+        result = activation.result
+        if reg.exclusive:
+            if not recording.acquire_lease(
+                activation.handler_id, self.lease_owner, self.lease_timeout
+            ):
+                holder = recording.lease_holder(activation.handler_id)
+                result.skipped = f"another process holds its lease ({holder})"
+                logger.debug(
+                    "Handler %s skipped: %s", reg.name, result.skipped, extra=activation.log_extra()
+                )
+                self._fetched(activation)
+                self._finish(activation)
+                return activation.max_items
+            activation.lease_held = True
+        started_at = timezone.now()
+        try:
+            activation.token.raise_if_cancelled()
+            activation.handler = reg.create_handler()
+            items = list(
+                call_handler(activation.handler.fetch_next, activation.max_items, activation.token)
+                or ()
+            )
+        except Cancelled:
+            result.skipped = "shutting down"
+            self._fetched(activation)
+            self._finish(activation)
+            return activation.max_items
+        except Exception as exc:
+            result.status = RunStatus.FAILED
+            result.error = _format_exception(exc)
+            activation.run_id = recording.create_run(
+                activation.handler_id,
+                worker_id=self.worker_id,
+                started_at=started_at,
+                items_fetched=0,
+                error=result.error,
+            )
+            logger.error(
+                "Handler %s: fetch_next raised %s: %s",
+                reg.name,
+                type(exc).__name__,
+                exc,
+                exc_info=True,
+                extra=activation.log_extra(),
+            )
+            self._fetched(activation)
+            self._finish(activation)
+            return activation.max_items
+        result.fetched = len(items)
+        if len(items) > activation.max_items:
+            logger.warning(
+                "Handler %s: fetch_next returned %d items, more than the %d asked for",
+                reg.name,
+                len(items),
+                activation.max_items,
+                extra=activation.log_extra(),
+            )
+        if not items:
+            logger.debug("Handler %s: nothing to do", reg.name, extra=activation.log_extra())
+            self._fetched(activation)
+            self._finish(activation)
+            return activation.max_items
+        activation.run_id = recording.create_run(
+            activation.handler_id,
+            worker_id=self.worker_id,
+            started_at=started_at,
+            items_fetched=len(items),
+        )
+        activation.items_queued(len(items))
+        if not self.channel.put(
+            reg.name, [(activation, item) for item in items], activation.max_items
+        ):
+            self._release([(reg.name, (activation, item)) for item in items])
+        self._fetched(activation)
+        return 0
+
+    def _fetched(self, activation: Activation) -> None:
+        if self._on_fetched is not None:
+            self._on_fetched(activation)
+
+    # -- the pool -------------------------------------------------------------------------
+
+    def _pool_worker(self) -> None:
+        try:
+            while True:
+                found = self.channel.take(timeout=0)
+                if found is None:
+                    if self.channel.closed:
+                        break
+                    release_connections(idle=True)
+                    found = self.channel.take()
+                    if found is None:
+                        break
+                key, (activation, item) = found
+                try:
+                    self._process(activation, item)
+                finally:
+                    self.channel.task_done(key)
+        finally:
+            connections.close_all()
+
+    def _process(self, activation: Activation, item: Any) -> None:
+        item_id = describe_item(item)
+        handler = activation.handler
+        assert handler is not None  # items are queued only after the handler fetched them
+        try:
+            call_handler(handler.process, item, activation.token)
+        except Cancelled as exc:
+            if not activation.token.cancelled:
+                self._item_failed(activation, item_id, exc, traceback.format_exc())
+            else:
+                self._release([(activation.name, (activation, item))])
+        except BaseException as exc:  # an item must never take its pool thread down
+            self._item_failed(activation, item_id, exc, traceback.format_exc())
+        else:
+            self._item_counted(activation, activation.item_done(succeeded=True))
+        finally:
+            release_connections(idle=False)
+
+    def _item_failed(
+        self, activation: Activation, item_id: str, exc: BaseException, tb: str
+    ) -> None:
+        logger.error(
+            "Handler %s: item %s failed: %s: %s",
+            activation.name,
+            item_id,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+            extra=activation.log_extra(item_id),
+        )
+        failure = FailureRecord(
+            item_id=item_id,
+            error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            message=str(exc),
+            traceback=tb,
+            occurred_at=timezone.now(),
+        )
+        info = ItemFailureInfo(item_id=item_id, exception=exc, traceback=tb)
+        self._item_counted(activation, activation.item_done(failure=failure, info=info))
+
+    def _item_counted(
+        self,
+        activation: Activation,
+        outcome: tuple[bool, tuple[int, int, list[FailureRecord]] | None],
+    ) -> None:
+        last, batch = outcome
+        if last:
+            self._finish(activation)
+        elif batch is not None and activation.run_id is not None:
+            succeeded, failed, failures = batch
+            try:
+                recording.record_progress(
+                    activation.run_id, succeeded=succeeded, failed=failed, failures=failures
+                )
+            except Exception:
+                logger.exception(
+                    "Handler %s: could not record progress",
+                    activation.name,
+                    extra=activation.log_extra(),
+                )
+
+    def _release(self, entries: Sequence[tuple[str, Entry]]) -> None:
+        """Give items that were never started back to their handlers, then count them."""
+        by_activation: dict[Activation, list[Any]] = {}
+        for _key, (activation, item) in entries:
+            by_activation.setdefault(activation, []).append(item)
+        for activation, items in by_activation.items():
+            assert activation.handler is not None
+            try:
+                activation.handler.release(items)
+            except Exception:
+                logger.exception(
+                    "Handler %s: release() of %d unstarted items raised",
+                    activation.name,
+                    len(items),
+                    extra=activation.log_extra(),
+                )
+            logger.info(
+                "Handler %s: released %d items never started",
+                activation.name,
+                len(items),
+                extra=activation.log_extra(),
+            )
+            self._item_counted(activation, activation.item_done(cancelled=len(items)))
+
+    # -- finishing ------------------------------------------------------------------------
+
+    def _finish(self, activation: Activation, *, forced: bool = False) -> None:
+        """End an activation once: ``close()`` the handler, record the run, free the lease."""
+        batch = activation.begin_finish()
+        if batch is None:
+            return
+        result = activation.result
+        try:
+            self._close_handler(activation)
+            if result.status != RunStatus.FAILED:
+                if forced or result.cancelled:
+                    result.status = RunStatus.CANCELLED
+                elif result.failed:
+                    result.status = RunStatus.PARTIAL
+                else:
+                    result.status = RunStatus.SUCCEEDED
+            if activation.run_id is not None:
+                succeeded, failed, failures = batch
+                try:
+                    recording.record_progress(
+                        activation.run_id,
+                        succeeded=succeeded,
+                        failed=failed,
+                        failures=failures,
+                        status=result.status,
+                        error=result.error,
+                    )
+                except Exception:
+                    logger.exception(
+                        "Handler %s: could not record the end of run %s",
+                        activation.name,
+                        activation.run_id,
+                        extra=activation.log_extra(),
+                    )
+                result.run_id = activation.run_id
+                logger.info(
+                    "Handler %s run %s %s: %d fetched, %d succeeded, %d failed%s in %.2fs",
+                    activation.name,
+                    activation.run_id,
+                    result.status,
+                    result.fetched,
+                    result.succeeded,
+                    result.failed,
+                    f", {result.cancelled} released" if result.cancelled else "",
+                    time.monotonic() - activation.started,
+                    extra=activation.log_extra(),
+                )
+            if activation.lease_held:
+                try:
+                    recording.release_lease(activation.handler_id, self.lease_owner)
+                except Exception:
+                    logger.exception(
+                        "Handler %s: could not release its lease",
+                        activation.name,
+                        extra=activation.log_extra(),
+                    )
+        finally:
+            with self._lock:
+                self._active.discard(activation)
+            activation.done.set()
+            if self._on_finished is not None:
+                self._on_finished(activation)
+
+    def _close_handler(self, activation: Activation) -> None:
+        if activation.handler is None:
+            return
+        try:
+            activation.handler.close()
+        except Exception as exc:
+            message = f"close() raised {_format_exception(exc)}"
+            activation.result.error = (
+                f"{activation.result.error}\n{message}" if activation.result.error else message
+            )
+            logger.error(
+                "Handler %s: close() raised %s: %s",
+                activation.name,
+                type(exc).__name__,
+                exc,
+                exc_info=True,
+                extra=activation.log_extra(),
+            )
+
+    # -- leases and heartbeat -------------------------------------------------------------
+
+    def _keep_leases(self) -> None:
+        interval = max(0.05, self.lease_timeout.total_seconds() / 4)
+        try:
+            while not self._stopping.wait(interval):
+                try:
+                    if any(a.lease_held for a in self.active()):
+                        recording.renew_leases(self.lease_owner, self.lease_timeout)
+                    if self._on_beat is not None:
+                        self._on_beat()
+                except Exception:
+                    logger.exception("Heartbeat failed; retrying in %.1fs", interval)
+                finally:
+                    release_connections(idle=True)
+        finally:
+            connections.close_all()
+
+
+def _format_exception(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))

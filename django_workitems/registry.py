@@ -1,0 +1,256 @@
+"""The registry of handlers, filled in ``AppConfig.ready()`` through :func:`add_handler`."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Self
+
+from .conf import app_settings, parse_duration
+from .exceptions import ConfigurationError, UnknownHandlerError
+from .handlers import Purpose, WorkItemHandler
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+
+HandlerFactory = Callable[[], WorkItemHandler[Any]]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A registered handler and its options."""
+
+    name: str
+    factory: HandlerFactory
+    max_items_per_cycle: int
+    purpose: Purpose
+    exclusive: bool
+    poll_interval: timedelta | None
+    max_concurrency: int | None
+
+    @property
+    def handler_class(self) -> str:
+        """Dotted path of the handler class or factory, as stored on the ``Handler`` row."""
+        return f"{self.factory.__module__}.{self.factory.__qualname__}"
+
+    def effective_poll_interval(self) -> timedelta:
+        """The handler's own poll interval, or the global ``POLL_INTERVAL``."""
+        return self.poll_interval if self.poll_interval is not None else app_settings.poll_interval
+
+    def create_handler(self) -> WorkItemHandler[Any]:
+        """A fresh handler instance for one activation."""
+        handler = self.factory()
+        _check_handler_api(self.name, type(handler), f"the factory {self.handler_class} returned")
+        return handler
+
+
+def _check_handler_api(name: str, cls: type, what: str) -> None:
+    missing = [m for m in ("fetch_next", "process") if not callable(getattr(cls, m, None))]
+    if not missing:
+        return
+    if "fetch_next" in missing and callable(getattr(cls, "fetch_work_items", None)):
+        raise ConfigurationError(
+            f"Handler {name!r}: {what} {cls.__qualname__} defines fetch_work_items(), which was "
+            "renamed to fetch_next(max_items, cancel); rename the method."
+        )
+    raise ConfigurationError(
+        f"Handler {name!r}: {what} {cls.__qualname__} has no {' / '.join(missing)} method; "
+        "handlers implement fetch_next(max_items, cancel) and process(item, cancel) "
+        "(subclass django_workitems.WorkItemHandler)."
+    )
+
+
+class HandlerRegistry:
+    """Registered handlers by name. ``django_workitems.registry`` is the default instance."""
+
+    def __init__(self) -> None:
+        self._registrations: dict[str, Registration] = {}
+        self._lock = threading.Lock()
+
+    def add_handler(
+        self,
+        handler: type[WorkItemHandler[Any]] | HandlerFactory,
+        *,
+        name: str,
+        max_items_per_cycle: int = 10,
+        purpose: Purpose | str = Purpose.INTERNAL,
+        exclusive: bool | None = None,
+        poll_interval: timedelta | str | float | None = None,
+        max_concurrency: int | None = None,
+    ) -> Self:
+        """Register a handler class (or zero-argument factory); returns the registry to chain."""
+        registration = self._validate(
+            handler,
+            name=name,
+            max_items_per_cycle=max_items_per_cycle,
+            purpose=purpose,
+            exclusive=exclusive,
+            poll_interval=poll_interval,
+            max_concurrency=max_concurrency,
+        )
+        with self._lock:
+            existing = self._registrations.get(name)
+            if existing is not None:
+                raise ConfigurationError(
+                    f"Handler {name!r} is already registered (by {existing.handler_class}); "
+                    "handler names must be unique."
+                )
+            self._registrations[name] = registration
+        return self
+
+    @staticmethod
+    def _validate(
+        handler: Any,
+        *,
+        name: Any,
+        max_items_per_cycle: Any,
+        purpose: Any,
+        exclusive: Any,
+        poll_interval: Any,
+        max_concurrency: Any,
+    ) -> Registration:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigurationError(
+                f"Handler name {name!r} is invalid: use 1-100 letters, digits, '_', '.' or '-'."
+            )
+        if inspect.isclass(handler):
+            _check_handler_api(name, handler, "the class")
+            abstract = sorted(getattr(handler, "__abstractmethods__", ()))
+            if abstract:
+                raise ConfigurationError(
+                    f"Handler {name!r}: {handler.__qualname__} leaves abstract methods "
+                    f"unimplemented: {', '.join(abstract)}."
+                )
+        elif not callable(handler):
+            raise ConfigurationError(
+                f"Handler {name!r}: {handler!r} is neither a handler class nor a factory callable."
+            )
+        if isinstance(max_items_per_cycle, bool) or not isinstance(max_items_per_cycle, int):
+            raise ConfigurationError(
+                f"Handler {name!r}: max_items_per_cycle must be an int >= 1, "
+                f"got {max_items_per_cycle!r}."
+            )
+        if max_items_per_cycle < 1:
+            raise ConfigurationError(
+                f"Handler {name!r}: max_items_per_cycle must be >= 1, got {max_items_per_cycle!r}."
+            )
+        try:
+            purpose = Purpose(purpose)
+        except ValueError:
+            raise ConfigurationError(
+                f"Handler {name!r}: unknown purpose {purpose!r}; use one of "
+                f"{', '.join(p.value for p in Purpose)}."
+            ) from None
+        if exclusive is None:
+            exclusive = bool(getattr(handler, "exclusive_by_default", True))
+        elif not isinstance(exclusive, bool):
+            raise ConfigurationError(
+                f"Handler {name!r}: exclusive must be a bool, got {exclusive!r}."
+            )
+        interval = None
+        if poll_interval is not None:
+            try:
+                interval = parse_duration(poll_interval)
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"Handler {name!r}: poll_interval {poll_interval!r} {exc}."
+                ) from None
+        if max_concurrency is not None and (
+            isinstance(max_concurrency, bool)
+            or not isinstance(max_concurrency, int)
+            or max_concurrency < 1
+        ):
+            raise ConfigurationError(
+                f"Handler {name!r}: max_concurrency must be None or an int >= 1, "
+                f"got {max_concurrency!r}."
+            )
+        return Registration(
+            name=name,
+            factory=handler,
+            max_items_per_cycle=max_items_per_cycle,
+            purpose=purpose,
+            exclusive=exclusive,
+            poll_interval=interval,
+            max_concurrency=max_concurrency,
+        )
+
+    def get(self, name: str) -> Registration:
+        """The registration called ``name``; :class:`UnknownHandlerError` if there is none."""
+        try:
+            return self._registrations[name]
+        except KeyError:
+            raise UnknownHandlerError(name, self.names()) from None
+
+    def names(self, purpose: Purpose | str | None = None) -> list[str]:
+        """Registered names, sorted, optionally only those of one purpose."""
+        return [r.name for r in self.select(purpose=purpose)]
+
+    def select(
+        self, handlers: Iterable[str] | None = None, purpose: Purpose | str | None = None
+    ) -> list[Registration]:
+        """Registrations by name (all when ``handlers`` is None) and purpose, sorted by name."""
+        if purpose is not None:
+            try:
+                purpose = Purpose(purpose)
+            except ValueError:
+                raise ConfigurationError(
+                    f"Unknown purpose {purpose!r}; use one of {', '.join(p.value for p in Purpose)}."
+                ) from None
+        if handlers is None:
+            chosen = list(self._registrations.values())
+        else:
+            chosen = [self.get(name) for name in dict.fromkeys(handlers)]
+        return sorted(
+            (r for r in chosen if purpose is None or r.purpose == purpose), key=lambda r: r.name
+        )
+
+    def remove(self, name: str) -> None:
+        """Forget a registration (for tests and for code that registers conditionally)."""
+        with self._lock:
+            if self._registrations.pop(name, None) is None:
+                raise UnknownHandlerError(name, self.names())
+
+    def __iter__(self) -> Iterator[Registration]:
+        return iter(sorted(self._registrations.values(), key=lambda r: r.name))
+
+    def __len__(self) -> int:
+        return len(self._registrations)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._registrations
+
+    def __repr__(self) -> str:
+        return f"<HandlerRegistry {self.names()}>"
+
+
+registry = HandlerRegistry()
+
+
+def add_handler(
+    handler: type[WorkItemHandler[Any]] | HandlerFactory,
+    *,
+    name: str,
+    max_items_per_cycle: int = 10,
+    purpose: Purpose | str = Purpose.INTERNAL,
+    exclusive: bool | None = None,
+    poll_interval: timedelta | str | float | None = None,
+    max_concurrency: int | None = None,
+) -> HandlerRegistry:
+    """Register a handler in the default registry; returns it, so calls chain."""
+    return registry.add_handler(
+        handler,
+        name=name,
+        max_items_per_cycle=max_items_per_cycle,
+        purpose=purpose,
+        exclusive=exclusive,
+        poll_interval=poll_interval,
+        max_concurrency=max_concurrency,
+    )
+
+
+def get_handlers(purpose: Purpose | str | None = None) -> list[str]:
+    """Registered handler names, sorted, optionally of one purpose."""
+    return registry.names(purpose)

@@ -1,0 +1,35 @@
+"""Plain-text views of the handlers, for ``runworkitems --list``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from django.db.models import OuterRef, Subquery
+
+from .models import Handler, HandlerRun
+from .registry import Registration
+
+
+def handler_table(registrations: Sequence[Registration]) -> str:
+    """A table of name, purpose, max items, enabled and last run, one handler a line."""
+    last = HandlerRun.objects.filter(handler=OuterRef("pk")).order_by("-started_at", "-id")
+    rows = {
+        h.name: h
+        for h in Handler.objects.filter(name__in=[r.name for r in registrations]).annotate(
+            last_status=Subquery(last.values("status")[:1]),
+            last_started=Subquery(last.values("started_at")[:1]),
+        )
+    }
+    lines = [("NAME", "PURPOSE", "MAX ITEMS", "ENABLED", "LAST RUN")]
+    for reg in registrations:
+        row = rows.get(reg.name)
+        enabled = "yes" if row is None or row.is_enabled else "no"
+        last_run = "never"
+        if row is not None and row.last_status:  # type: ignore[attr-defined]
+            last_run = f"{row.last_status} {row.last_started:%Y-%m-%d %H:%M:%S}"  # type: ignore[attr-defined]
+        lines.append((reg.name, reg.purpose.value, str(reg.max_items_per_cycle), enabled, last_run))
+    widths = [max(len(line[i]) for line in lines) for i in range(5)]
+    return "\n".join(
+        "  ".join(col.ljust(w) for col, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )

@@ -1,0 +1,168 @@
+"""Which handlers are due for a fetch, and how many items each may ask for.
+
+Pure bookkeeping, owned by the coordinator thread: no locks, no database, no clock of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from .registry import Registration
+
+
+def fair_shares(capacity: int, demands: Sequence[int]) -> list[int]:
+    """Split ``capacity`` among ``demands`` max-min fairly (water-filling).
+
+    Nobody gets more than it asked for; what a small demand leaves is shared by the others.
+    """
+    shares = [0] * len(demands)
+    pending = sorted(range(len(demands)), key=lambda i: demands[i])
+    left = capacity
+    while pending and left > 0:
+        each = max(1, left // len(pending))
+        i = pending[0]
+        if demands[i] <= each:
+            shares[i] = demands[i]
+            left -= demands[i]
+            pending.pop(0)
+            continue
+        for i in list(pending):
+            give = min(each, demands[i], left)
+            shares[i] = give
+            left -= give
+        break
+    return shares
+
+
+@dataclass
+class _HandlerSchedule:
+    registration: Registration
+    poll_interval: timedelta
+    next_due: float = 0.0
+    drain: bool = False
+    fetching: bool = False
+    fetch_started: float = 0.0
+    active: int = 0
+    requested: bool = False
+    seen_request: datetime | None = None
+
+
+class Scheduler:
+    """Decides, each time the coordinator wakes, which handlers to fetch and how much.
+
+    - Every handler is due at start, then every poll interval after its last fetch started.
+    - Drain mode: a fetch that returned a full batch makes the handler due again at once.
+    - An exclusive handler is not fetched while an activation of it is unfinished here.
+    - A non-exclusive handler is fetched again, in drain mode, as soon as the channel has room
+      for half a batch of it, so the pool never idles between batches.
+    - The channel is shared fairly: each handler with items queued or due gets an equal share.
+    """
+
+    def __init__(
+        self, registrations: Iterable[Registration], *, poll_interval: timedelta | None = None
+    ) -> None:
+        self._states = {
+            r.name: _HandlerSchedule(
+                r,
+                r.poll_interval
+                if r.poll_interval is not None
+                else (poll_interval or r.effective_poll_interval()),
+            )
+            for r in registrations
+        }
+        self._requests_seeded = False
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._states)
+
+    def note_requests(self, requested_at: dict[str, datetime | None]) -> None:
+        """Feed ``Handler.run_requested_at`` values; a newer one than last seen makes it due."""
+        for name, at in requested_at.items():
+            state = self._states.get(name)
+            if state is None or at is None:
+                continue
+            if self._requests_seeded and (state.seen_request is None or at > state.seen_request):
+                state.requested = True
+            state.seen_request = at
+        self._requests_seeded = True
+
+    def request(self, name: str) -> None:
+        """Make a handler due now (a wake-up from ``notify``)."""
+        if name in self._states:
+            self._states[name].requested = True
+
+    def plan(
+        self,
+        now: float,
+        *,
+        enabled: Callable[[str], bool],
+        room: int,
+        queued: Callable[[str], int],
+        capacity: int,
+    ) -> list[tuple[Registration, int]]:
+        """The fetches to start now, as (registration, max_items) pairs."""
+        candidates = []
+        for state in self._states.values():
+            reg = state.registration
+            if state.fetching or not enabled(reg.name):
+                continue
+            if reg.exclusive and state.active:
+                continue
+            if state.requested or state.drain or now >= state.next_due:
+                candidates.append(state)
+        if not candidates:
+            return []
+        contending = {s.registration.name for s in candidates}
+        contending.update(name for name in self._states if queued(name) > 0)
+        share = max(1, capacity // len(contending))
+        demands: list[tuple[_HandlerSchedule, int]] = []
+        for state in candidates:
+            reg = state.registration
+            want = min(reg.max_items_per_cycle, share - queued(reg.name))
+            timer_due = state.requested or now >= state.next_due
+            if not reg.exclusive and state.drain and not timer_due:
+                # Claim a backlog in real batches, not one item per freed slot.
+                if want < max(1, min(reg.max_items_per_cycle, share) // 2):
+                    continue
+            if want >= 1:
+                demands.append((state, want))
+        asks = fair_shares(room, [want for _, want in demands])
+        return [
+            (state.registration, ask) for (state, _), ask in zip(demands, asks, strict=True) if ask
+        ]
+
+    def fetch_started(self, name: str, now: float) -> None:
+        state = self._states[name]
+        state.fetching = True
+        state.fetch_started = now
+        state.active += 1
+        state.requested = False
+
+    def fetch_finished(
+        self, name: str, *, asked: int, fetched: int, failed: bool, now: float
+    ) -> None:
+        state = self._states[name]
+        state.fetching = False
+        state.drain = not failed and asked > 0 and fetched >= asked
+        start = now if failed else state.fetch_started
+        state.next_due = start + state.poll_interval.total_seconds()
+
+    def activation_finished(self, name: str) -> None:
+        state = self._states[name]
+        state.active = max(0, state.active - 1)
+
+    def seconds_until_due(self, now: float) -> float | None:
+        """Time until the next timer-due handler (None when none is waiting on a timer)."""
+        waits = [
+            s.next_due - now
+            for s in self._states.values()
+            if not s.fetching and not (s.registration.exclusive and s.active)
+        ]
+        return max(0.0, min(waits)) if waits else None
+
+    def busy(self) -> bool:
+        """True while any fetch or activation is unfinished."""
+        return any(s.fetching or s.active for s in self._states.values())

@@ -1,0 +1,45 @@
+"""Handlers the worker subprocess tests run; they take their work from ``Job`` rows."""
+
+from __future__ import annotations
+
+import time
+
+from django.db.models import F
+from django.utils import timezone
+
+import django_workitems as workitems
+
+from .models import Job
+
+
+class JobHandler(workitems.WorkItemHandler[Job]):
+    """Reads queued jobs of its queue (no claim: an exclusive handler) and runs them."""
+
+    queue = "jobs"
+
+    def fetch_next(self, max_items: int, cancel: workitems.CancellationToken) -> list[Job]:
+        return list(Job.objects.filter(queue=self.queue, status="queued")[:max_items])
+
+    def process(self, item: Job, cancel: workitems.CancellationToken) -> None:
+        Job.objects.filter(pk=item.pk).update(started_at=timezone.now())
+        if item.action == "fail":
+            raise ValueError(f"job {item.pk} is set to fail")
+        if item.action == "sleep" and cancel.wait(item.seconds):
+            raise workitems.Cancelled()
+        if item.action == "stubborn":  # ignores cancellation, like a blocking call would
+            time.sleep(item.seconds)
+        Job.objects.filter(pk=item.pk).update(
+            status="done", times_processed=F("times_processed") + 1, finished_at=timezone.now()
+        )
+
+
+class SlowJobHandler(JobHandler):
+    queue = "slow"
+
+
+class BrokenFetchHandler(workitems.WorkItemHandler[Job]):
+    def fetch_next(self, max_items: int, cancel: workitems.CancellationToken) -> list[Job]:
+        raise RuntimeError("the source is down")
+
+    def process(self, item: Job, cancel: workitems.CancellationToken) -> None:  # pragma: no cover
+        raise AssertionError("never reached")
