@@ -188,7 +188,6 @@ class BackgroundProcessingService:
             except DatabaseError:
                 logger.exception("Could not record the stop of worker %s", self.worker)
             restore()
-            connections.close_all()
             logger.info("Worker %s stopped", self.worker)
 
     def _post(self, kind: str, activation: Activation) -> None:
@@ -234,6 +233,7 @@ class BackgroundProcessingService:
                     self._waker.wait(max(0.0, timeout))
         finally:
             self._waker.close()
+            connections.close_all()  # this thread is the worker's coordinator: nobody else uses them
 
     def run_once(self) -> CycleResult:
         """One cycle of the selected handlers: fetch each once, process everything fetched."""

@@ -38,9 +38,9 @@ class FairChannel(Generic[E]):
     # -- producers --------------------------------------------------------------------------
 
     def room(self) -> int:
-        """Free slots: capacity less entries queued and slots reserved."""
+        """Free slots: capacity less entries queued and slots reserved (never below zero)."""
         with self._cond:
-            return self._room()
+            return max(0, self._room())
 
     def _room(self) -> int:
         return self.capacity - self._size - sum(self._reserved.values())
@@ -85,6 +85,7 @@ class FairChannel(Generic[E]):
             self._release_reservation(key, reserved)
             if self._closed:
                 return False
+            freed = reserved > len(entries)  # a short batch gives back part of its reservation
             if entries:
                 queue = self._queues.get(key)
                 if queue is None:
@@ -94,10 +95,14 @@ class FairChannel(Generic[E]):
                 queue.extend(entries)
                 self._size += len(entries)
                 self._cond.notify(len(entries))
-            return True
+        if freed:
+            self._room_freed()
+        return True
 
     def set_limit(self, key: str, limit: int | None) -> None:
         """At most ``limit`` entries of ``key`` in process at once (None: no limit)."""
+        if limit is not None and (isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"limit must be None or >= 1, got {limit!r}")
         with self._cond:
             if limit is None:
                 self._limits.pop(key, None)

@@ -18,9 +18,10 @@ from django.conf import settings as django_settings
 from .exceptions import ConfigurationError
 
 _DURATION_RE = re.compile(
-    r"^(?:(?P<days>\d+)\.)?(?P<hours>\d+):(?P<minutes>[0-5]?\d):(?P<seconds>[0-5]?\d(?:\.\d+)?)$"
+    r"(?:(?P<days>\d+)\.)?(?P<hours>\d+):(?P<minutes>[0-5]?\d):(?P<seconds>[0-5]?\d(?:\.\d+)?)",
+    re.ASCII,
 )
-_SECONDS_RE = re.compile(r"^\d+(?:\.\d+)?$")
+_SECONDS_RE = re.compile(r"\d+(?:\.\d+)?", re.ASCII)
 
 
 def parse_duration(value: object, *, allow_zero: bool = False) -> timedelta:
@@ -28,6 +29,16 @@ def parse_duration(value: object, *, allow_zero: bool = False) -> timedelta:
 
     Raises ``ValueError`` with a message that says what is accepted.
     """
+    try:
+        duration = _to_timedelta(value)
+    except OverflowError:
+        raise ValueError(f"is too large for a duration (at most {timedelta.max})") from None
+    if duration < timedelta(0) or (duration == timedelta(0) and not allow_zero):
+        raise ValueError("must be positive" if not allow_zero else "must not be negative")
+    return duration
+
+
+def _to_timedelta(value: object) -> timedelta:
     duration: timedelta
     if isinstance(value, timedelta):
         duration = value
@@ -37,7 +48,7 @@ def parse_duration(value: object, *, allow_zero: bool = False) -> timedelta:
         duration = timedelta(seconds=value)
     elif isinstance(value, str):
         text = value.strip()
-        match = _DURATION_RE.match(text)
+        match = _DURATION_RE.fullmatch(text)
         if match:
             parts = match.groupdict()
             duration = timedelta(
@@ -46,7 +57,7 @@ def parse_duration(value: object, *, allow_zero: bool = False) -> timedelta:
                 minutes=int(parts["minutes"]),
                 seconds=float(parts["seconds"]),
             )
-        elif _SECONDS_RE.match(text):
+        elif _SECONDS_RE.fullmatch(text):
             duration = timedelta(seconds=float(text))
         else:
             raise ValueError('must be "[d.]hh:mm:ss" (e.g. "00:05:00"), a timedelta or seconds')
@@ -54,8 +65,6 @@ def parse_duration(value: object, *, allow_zero: bool = False) -> timedelta:
         raise ValueError(
             f'must be "[d.]hh:mm:ss", a timedelta or a number of seconds, not {type(value).__name__}'
         )
-    if duration < timedelta(0) or (duration == timedelta(0) and not allow_zero):
-        raise ValueError("must be positive" if not allow_zero else "must not be negative")
     return duration
 
 

@@ -344,7 +344,6 @@ class WorkItemProcessingService:
                 self._finish(activation, forced=True)
         if self._keeper is not None:
             self._keeper.join(timeout=5)
-        connections.close_all()
 
     def _fetch_threads_snapshot(self) -> list[threading.Thread]:
         with self._lock:

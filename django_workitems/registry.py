@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import threading
@@ -14,7 +15,7 @@ from .conf import app_settings, parse_duration
 from .exceptions import ConfigurationError, UnknownHandlerError
 from .handlers import Purpose, WorkItemHandler
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,100}")  # used with fullmatch: no "\n" past $
 
 HandlerFactory = Callable[[], WorkItemHandler[Any]]
 
@@ -34,7 +35,7 @@ class Registration:
     @property
     def handler_class(self) -> str:
         """Dotted path of the handler class or factory, as stored on the ``Handler`` row."""
-        return f"{self.factory.__module__}.{self.factory.__qualname__}"
+        return _dotted_path(self.factory)
 
     def effective_poll_interval(self) -> timedelta:
         """The handler's own poll interval, or the global ``POLL_INTERVAL``."""
@@ -47,20 +48,52 @@ class Registration:
         return handler
 
 
+def _dotted_path(factory: object) -> str:
+    """``module.qualname`` of a class or function; partials and callable objects included."""
+    while isinstance(factory, functools.partial):
+        factory = factory.func
+    target = factory if hasattr(factory, "__qualname__") else type(factory)
+    module = getattr(target, "__module__", None) or "?"
+    return f"{module}.{getattr(target, '__qualname__', type(target).__name__)}"
+
+
+def _implements(cls: type, method: str) -> bool:
+    """True when ``cls`` has ``method`` as a callable that is not left abstract."""
+    return callable(getattr(cls, method, None)) and method not in getattr(
+        cls, "__abstractmethods__", ()
+    )
+
+
 def _check_handler_api(name: str, cls: type, what: str) -> None:
-    missing = [m for m in ("fetch_next", "process") if not callable(getattr(cls, m, None))]
+    missing = [m for m in ("fetch_next", "process") if not _implements(cls, m)]
     if not missing:
         return
-    if "fetch_next" in missing and callable(getattr(cls, "fetch_work_items", None)):
+    if "fetch_next" in missing and _implements(cls, "fetch_work_items"):
         raise ConfigurationError(
             f"Handler {name!r}: {what} {cls.__qualname__} defines fetch_work_items(), which was "
             "renamed to fetch_next(max_items, cancel); rename the method."
         )
     raise ConfigurationError(
-        f"Handler {name!r}: {what} {cls.__qualname__} has no {' / '.join(missing)} method; "
+        f"Handler {name!r}: {what} {cls.__qualname__} does not implement "
+        f"{' / '.join(missing)}; "
         "handlers implement fetch_next(max_items, cancel) and process(item, cancel) "
         "(subclass django_workitems.WorkItemHandler)."
     )
+
+
+def _check_no_arguments(name: str, handler: Any) -> None:
+    """A handler class or factory is called with no arguments for each activation."""
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):  # some builtins and C types have no signature: trust them
+        return
+    try:
+        signature.bind()
+    except TypeError as exc:
+        raise ConfigurationError(
+            f"Handler {name!r}: {_dotted_path(handler)} must be callable with no arguments "
+            f"(it is called once per activation): {exc}."
+        ) from None
 
 
 class HandlerRegistry:
@@ -112,7 +145,7 @@ class HandlerRegistry:
         poll_interval: Any,
         max_concurrency: Any,
     ) -> Registration:
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise ConfigurationError(
                 f"Handler name {name!r} is invalid: use 1-100 letters, digits, '_', '.' or '-'."
             )
@@ -128,6 +161,7 @@ class HandlerRegistry:
             raise ConfigurationError(
                 f"Handler {name!r}: {handler!r} is neither a handler class nor a factory callable."
             )
+        _check_no_arguments(name, handler)
         if isinstance(max_items_per_cycle, bool) or not isinstance(max_items_per_cycle, int):
             raise ConfigurationError(
                 f"Handler {name!r}: max_items_per_cycle must be an int >= 1, "
