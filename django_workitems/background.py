@@ -233,7 +233,8 @@ class BackgroundProcessingService:
                     self._waker.wait(max(0.0, timeout))
         finally:
             self._waker.close()
-            connections.close_all()  # this thread is the worker's coordinator: nobody else uses them
+            # This thread is the worker's coordinator: nobody else uses its connections.
+            connections.close_all()
 
     def run_once(self) -> CycleResult:
         """One cycle of the selected handlers: fetch each once, process everything fetched."""

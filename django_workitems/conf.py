@@ -63,7 +63,8 @@ def _to_timedelta(value: object) -> timedelta:
             raise ValueError('must be "[d.]hh:mm:ss" (e.g. "00:05:00"), a timedelta or seconds')
     else:
         raise ValueError(
-            f'must be "[d.]hh:mm:ss", a timedelta or a number of seconds, not {type(value).__name__}'
+            'must be "[d.]hh:mm:ss", a timedelta or a number of seconds, '
+            f"not {type(value).__name__}"
         )
     return duration
 

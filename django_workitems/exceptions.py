@@ -9,7 +9,7 @@ class WorkItemsError(Exception):
     """Base class of every error this app raises on purpose."""
 
 
-class Cancelled(WorkItemsError):  # noqa: N818 - the public name is fixed by the spec
+class Cancelled(WorkItemsError):
     """Raised by ``CancellationToken.raise_if_cancelled()`` once the token is set."""
 
 

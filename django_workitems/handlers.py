@@ -101,17 +101,17 @@ class WorkItemHandler(ABC, Generic[T]):
         """Return up to ``max_items`` pending work items (an empty sequence when there are none)."""
 
     @abstractmethod
-    def process(self, item: T, cancel: CancellationToken) -> None | Awaitable[None]:
+    def process(self, item: T, cancel: CancellationToken) -> Awaitable[None] | None:
         """Do the work of one item; raise to record it as failed."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook, deliberately empty
+    def close(self) -> None:
         """Called once when the activation ends, after its last item."""
 
     def backlog(self) -> int | None:
         """How many items are waiting, for the admin and GraphQL; None when unknown."""
         return None
 
-    def release(self, items: Sequence[T]) -> None:  # noqa: B027 - optional hook
+    def release(self, items: Sequence[T]) -> None:
         """Give back items that were fetched but never started (on shutdown).
 
         Handlers whose ``fetch_next`` only reads need nothing here: the items were never touched.

@@ -231,7 +231,8 @@ class HandlerRegistry:
                 purpose = Purpose(purpose)
             except ValueError:
                 raise ConfigurationError(
-                    f"Unknown purpose {purpose!r}; use one of {', '.join(p.value for p in Purpose)}."
+                    f"Unknown purpose {purpose!r}; "
+                    f"use one of {', '.join(p.value for p in Purpose)}."
                 ) from None
         if handlers is None:
             chosen = list(self._registrations.values())

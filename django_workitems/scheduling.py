@@ -15,23 +15,29 @@ from .registry import Registration
 def fair_shares(capacity: int, demands: Sequence[int]) -> list[int]:
     """Split ``capacity`` among ``demands`` max-min fairly (water-filling).
 
-    Nobody gets more than it asked for; what a small demand leaves is shared by the others.
+    Nobody gets more than it asked for; what a small demand leaves is shared by the others, and
+    the whole capacity is handed out while some demand is unmet (the remainder of an uneven
+    split goes one by one to the earliest of the largest demands). Negative demands count as 0.
     """
-    shares = [0] * len(demands)
-    pending = sorted(range(len(demands)), key=lambda i: demands[i])
-    left = capacity
+    wants = [max(0, demand) for demand in demands]
+    shares = [0] * len(wants)
+    pending = sorted((i for i, want in enumerate(wants) if want > 0), key=lambda i: wants[i])
+    left = max(0, capacity)
     while pending and left > 0:
-        each = max(1, left // len(pending))
+        each = left // len(pending)
         i = pending[0]
-        if demands[i] <= each:
-            shares[i] = demands[i]
-            left -= demands[i]
+        if each >= 1 and wants[i] <= each:
+            shares[i] = wants[i]
+            left -= wants[i]
             pending.pop(0)
             continue
-        for i in list(pending):
-            give = min(each, demands[i], left)
-            shares[i] = give
-            left -= give
+        # Every pending demand exceeds an equal split: give each the split, then the remainder
+        # (fewer slots than pending demands) one slot each, largest demands first.
+        for i in pending:
+            shares[i] = each
+        left -= each * len(pending)
+        for i in sorted(pending, key=lambda i: (-wants[i], i))[:left]:
+            shares[i] += 1
         break
     return shares
 
@@ -123,10 +129,14 @@ class Scheduler:
             reg = state.registration
             want = min(reg.max_items_per_cycle, share - queued(reg.name))
             timer_due = state.requested or now >= state.next_due
-            if not reg.exclusive and state.drain and not timer_due:
-                # Claim a backlog in real batches, not one item per freed slot.
-                if want < max(1, min(reg.max_items_per_cycle, share) // 2):
-                    continue
+            # A backlog is claimed in real batches, not one item per freed slot.
+            if (
+                not reg.exclusive
+                and state.drain
+                and not timer_due
+                and want < max(1, min(reg.max_items_per_cycle, share) // 2)
+            ):
+                continue
             if want >= 1:
                 demands.append((state, want))
         asks = fair_shares(room, [want for _, want in demands])
@@ -155,13 +165,18 @@ class Scheduler:
         state.active = max(0, state.active - 1)
 
     def seconds_until_due(self, now: float) -> float | None:
-        """Time until the next timer-due handler (None when none is waiting on a timer)."""
+        """Time until the next timer-due handler (None when none is waiting on a timer).
+
+        Handlers already due that :meth:`plan` did not start are not waiting on the timer but
+        on something else (room in the channel, being enabled, their activation finishing), and
+        every one of those wakes the coordinator: counting them would make it spin.
+        """
         waits = [
             s.next_due - now
             for s in self._states.values()
-            if not s.fetching and not (s.registration.exclusive and s.active)
+            if not s.fetching and not (s.registration.exclusive and s.active) and s.next_due > now
         ]
-        return max(0.0, min(waits)) if waits else None
+        return min(waits) if waits else None
 
     def busy(self) -> bool:
         """True while any fetch or activation is unfinished."""

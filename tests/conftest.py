@@ -26,7 +26,9 @@ def registry() -> HandlerRegistry:
     return HandlerRegistry()
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 20.0, message: str = "condition") -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 20.0, message: str = "condition"
+) -> Any:
     """Poll ``condition`` until it is truthy; fail the test after a generous deadline."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -64,13 +66,21 @@ def recorder() -> Recorder:
 class ListHandler(workitems.WorkItemHandler[dict[str, Any]]):
     """Hands out dicts from a shared list, claiming them under a lock (like SKIP LOCKED)."""
 
-    def __init__(self, source: list[dict[str, Any]], recorder: Recorder, name: str, delay: float = 0.0,
-                 fail: Callable[[dict[str, Any]], bool] | None = None) -> None:
+    def __init__(
+        self,
+        source: list[dict[str, Any]],
+        recorder: Recorder,
+        name: str,
+        delay: float = 0.0,
+        fail: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> None:
         self.source, self.recorder, self.name, self.delay = source, recorder, name, delay
         self.fail = fail or (lambda item: False)
         recorder.add(f"{name}:instance", id(self))
 
-    def fetch_next(self, max_items: int, cancel: workitems.CancellationToken) -> list[dict[str, Any]]:
+    def fetch_next(
+        self, max_items: int, cancel: workitems.CancellationToken
+    ) -> list[dict[str, Any]]:
         with self.recorder.lock:
             batch = self.source[:max_items]
             del self.source[:max_items]
@@ -112,8 +122,8 @@ def database_url() -> str:
     if connection.vendor == "sqlite":
         return f"sqlite:///{Path(settings['NAME']).resolve()}"
     return (
-        f"postgres://{settings['USER']}@{settings['HOST'] or '127.0.0.1'}:{settings['PORT'] or 5432}"
-        f"/{settings['NAME']}"
+        f"postgres://{settings['USER']}@{settings['HOST'] or '127.0.0.1'}"
+        f":{settings['PORT'] or 5432}/{settings['NAME']}"
     )
 
 
@@ -143,7 +153,10 @@ class WorkerProcess:
         self._log = log.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "django", "runworkitems", *args],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def output(self) -> str:
@@ -163,11 +176,15 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def start_worker(worker_env: Callable[..., dict[str, str]], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+def start_worker(
+    worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> Iterator[Callable[..., WorkerProcess]]:
     workers: list[WorkerProcess] = []
 
     def start(*args: str, **env: str) -> WorkerProcess:
-        worker = WorkerProcess(list(args), worker_env(**env), tmp_path / f"worker-{len(workers)}.log")
+        worker = WorkerProcess(
+            list(args), worker_env(**env), tmp_path / f"worker-{len(workers)}.log"
+        )
         workers.append(worker)
         return worker
 

@@ -35,7 +35,9 @@ class HandlerRunFactory(factory.django.DjangoModelFactory):
     handler = factory.SubFactory(HandlerFactory)
     status = RunStatus.SUCCEEDED
     started_at = factory.LazyFunction(timezone.now)
-    finished_at = factory.LazyAttribute(lambda run: run.started_at if run.status != RunStatus.RUNNING else None)
+    finished_at = factory.LazyAttribute(
+        lambda run: run.started_at if run.status != RunStatus.RUNNING else None
+    )
     items_fetched = 3
     items_succeeded = 3
     items_failed = 0
@@ -45,7 +47,9 @@ class ItemFailureFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = ItemFailure
 
-    run = factory.SubFactory(HandlerRunFactory, status=RunStatus.PARTIAL, items_succeeded=2, items_failed=1)
+    run = factory.SubFactory(
+        HandlerRunFactory, status=RunStatus.PARTIAL, items_succeeded=2, items_failed=1
+    )
     item_id = factory.Sequence(str)
     error_type = "builtins.ValueError"
     message = "bad item"

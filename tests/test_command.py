@@ -44,7 +44,9 @@ def test_once_exits_1_when_a_fetch_raises(start_worker):
         ([], {"WORKITEMS_POLL_INTERVAL": "every now and then"}, "django_workitems.E002"),
     ],
 )
-def test_bad_usage_or_configuration_exits_2_before_touching_any_handler(start_worker, args, env, expected):
+def test_bad_usage_or_configuration_exits_2_before_touching_any_handler(
+    start_worker, args, env, expected
+):
     Job.objects.create()
     worker = start_worker("--once", *args, **env)
     assert worker.wait() == 2
@@ -70,15 +72,21 @@ def test_list_prints_the_handlers(start_worker):
 def test_sigterm_finishes_items_in_process_releases_the_rest_and_exits_0(start_worker):
     # One worker thread: the first job is in process, the others wait in the channel.
     Job.objects.bulk_create([Job(queue="slow", action="stubborn", seconds=1.5) for _ in range(4)])
-    worker = start_worker("--handler", "slow-jobs", "--workers", "1", WORKITEMS_SHUTDOWN_TIMEOUT="00:00:20")
-    wait_for(lambda: Job.objects.filter(started_at__isnull=False).exists(), message="a job to start")
+    worker = start_worker(
+        "--handler", "slow-jobs", "--workers", "1", WORKITEMS_SHUTDOWN_TIMEOUT="00:00:20"
+    )
+    wait_for(
+        lambda: Job.objects.filter(started_at__isnull=False).exists(), message="a job to start"
+    )
 
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0, worker.output()
 
     jobs = list(Job.objects.order_by("id"))
     assert jobs[0].status == "done" and jobs[0].times_processed == 1  # given time to finish
-    assert [(j.status, j.times_processed, j.started_at) for j in jobs[1:]] == [("queued", 0, None)] * 3
+    assert [(j.status, j.times_processed, j.started_at) for j in jobs[1:]] == [
+        ("queued", 0, None)
+    ] * 3
     run = HandlerRun.objects.get(handler__name="slow-jobs")
     assert run.status == RunStatus.CANCELLED
     assert (run.items_fetched, run.items_succeeded) == (4, 1)
@@ -88,7 +96,9 @@ def test_sigterm_finishes_items_in_process_releases_the_rest_and_exits_0(start_w
 def test_sigterm_gives_up_on_items_after_the_shutdown_timeout(start_worker):
     Job.objects.create(queue="slow", action="stubborn", seconds=60)
     worker = start_worker("--handler", "slow-jobs", WORKITEMS_SHUTDOWN_TIMEOUT="00:00:01")
-    wait_for(lambda: Job.objects.filter(started_at__isnull=False).exists(), message="the job to start")
+    wait_for(
+        lambda: Job.objects.filter(started_at__isnull=False).exists(), message="the job to start"
+    )
 
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0, worker.output()
@@ -102,12 +112,17 @@ def test_sigint_cancels_the_token_and_a_second_sigint_exits_at_once(start_worker
     Job.objects.create(queue="slow", action="stubborn", seconds=120)
     Job.objects.create(queue="slow", action="sleep", seconds=120)
     worker = start_worker("--handler", "slow-jobs", WORKITEMS_SHUTDOWN_TIMEOUT="00:05:00")
-    wait_for(lambda: Job.objects.filter(started_at__isnull=False).count() == 2, message="both jobs to start")
+    wait_for(
+        lambda: Job.objects.filter(started_at__isnull=False).count() == 2,
+        message="both jobs to start",
+    )
 
     worker.proc.send_signal(signal.SIGINT)
     # The cancellable job stops at once; the stubborn one would hold the shutdown for minutes.
-    wait_for(lambda: "released 1 items" in worker.output() or "Cancelled" in worker.output(),
-             message="the cancellable job to stop")
+    wait_for(
+        lambda: "released 1 items" in worker.output() or "Cancelled" in worker.output(),
+        message="the cancellable job to stop",
+    )
     worker.proc.send_signal(signal.SIGINT)
     assert worker.wait(15) == 130
     assert "Second interrupt" in worker.output()

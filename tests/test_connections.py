@@ -52,7 +52,8 @@ def test_no_connection_leaks_after_50_cycles(registry, recorder):
     for name, source in sources.items():
         registry.add_handler(
             lambda source=source, name=name: OrmHandler(source, recorder, name),
-            name=name, max_items_per_cycle=4,
+            name=name,
+            max_items_per_cycle=4,
         )
     before = server_connections() if connection.vendor == "postgresql" else None
     connection_created.connect(collect)
@@ -68,4 +69,6 @@ def test_no_connection_leaks_after_50_cycles(registry, recorder):
     leaked = [c for c in created if c.connection is not None]
     assert not leaked, f"{len(leaked)} of {len(created)} thread connections left open"
     if before is not None:
-        wait_for(lambda: server_connections() <= before, timeout=10, message="server connections back")
+        wait_for(
+            lambda: server_connections() <= before, timeout=10, message="server connections back"
+        )

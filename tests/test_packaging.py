@@ -19,24 +19,41 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_pip_install_into_a_fresh_virtualenv_and_migrate_a_new_project(tmp_path):
     if connection.vendor != "sqlite":
         pytest.skip("independent of the test database: runs once, in the SQLite pass")
-    env = {k: v for k, v in os.environ.items() if k not in ("DJANGO_SETTINGS_MODULE", "PYTHONPATH", "DATABASE_URL")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DJANGO_SETTINGS_MODULE", "PYTHONPATH", "DATABASE_URL")
+    }
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
     subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", str(ROOT)], check=True, cwd=tmp_path, timeout=600, env=env
+        [python, "-m", "pip", "install", "--quiet", str(ROOT)],
+        check=True,
+        cwd=tmp_path,
+        timeout=600,
+        env=env,
     )
     # The package, not the source tree, must be what the project imports.
     subprocess.run(
-        [python, "-m", "django", "startproject", "newsite", str(tmp_path)], check=True, cwd=tmp_path, env=env
+        [python, "-m", "django", "startproject", "newsite", str(tmp_path)],
+        check=True,
+        cwd=tmp_path,
+        env=env,
     )
     settings = tmp_path / "newsite" / "settings.py"
     text = settings.read_text()
     assert "INSTALLED_APPS = [" in text
-    settings.write_text(text.replace("INSTALLED_APPS = [", "INSTALLED_APPS = [\n    'django_workitems',", 1))
+    settings.write_text(
+        text.replace("INSTALLED_APPS = [", "INSTALLED_APPS = [\n    'django_workitems',", 1)
+    )
     run = subprocess.run(
         [python, "manage.py", "migrate", "--noinput"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert run.returncode == 0, run.stderr
     assert "Applying django_workitems.0001_initial... OK" in run.stdout
@@ -53,8 +70,16 @@ def test_pip_install_into_a_fresh_virtualenv_and_migrate_a_new_project(tmp_path)
         "django_workitems_worker",
     } <= tables
     listing = subprocess.run(
-        [python, "-c", "import django_workitems, sys; print(django_workitems.__file__, django_workitems.__version__)"],
-        cwd=tmp_path, capture_output=True, text=True, check=True, env=env,
+        [
+            python,
+            "-c",
+            "import django_workitems as w; print(w.__file__, w.__version__)",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     )
     assert str(env_dir) in listing.stdout and sys.prefix not in listing.stdout
     py_typed = list(env_dir.glob("lib/python*/site-packages/django_workitems/py.typed"))

@@ -14,7 +14,7 @@ import django_workitems as workitems
 from django_workitems import recording
 from django_workitems.background import run_once
 from django_workitems.models import Handler, HandlerRun, ItemFailure, RunStatus
-from tests.conftest import ListHandler, Recorder, wait_for
+from tests.conftest import ListHandler, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -70,7 +70,9 @@ class BrokenFetch(workitems.WorkItemHandler[Any]):
         raise AssertionError
 
 
-def test_a_failing_fetch_is_recorded_and_does_not_affect_other_handlers(registry, list_handler, recorder):
+def test_a_failing_fetch_is_recorded_and_does_not_affect_other_handlers(
+    registry, list_handler, recorder
+):
     registry.add_handler(BrokenFetch, name="broken").add_handler(list_handler("ok", 3), name="ok")
 
     result = run_once(registry=registry)
@@ -103,7 +105,9 @@ def test_close_errors_are_recorded_and_close_runs_once_per_activation(registry, 
     assert run.items_succeeded == 4
 
 
-def test_each_activation_gets_a_fresh_handler_instance(registry, list_handler, recorder, run_in_background):
+def test_each_activation_gets_a_fresh_handler_instance(
+    registry, list_handler, recorder, run_in_background
+):
     registry.add_handler(list_handler("fresh", 30), name="fresh", max_items_per_cycle=10)
 
     run_in_background(registry=registry)
@@ -138,7 +142,9 @@ def test_async_fetch_and_process_run_to_completion(registry):
     assert sorted(AsyncHandler.seen) == [(0, "async"), (1, "async"), (2, "async")]
 
 
-def test_a_slow_fetch_does_not_hold_back_other_handlers(registry, list_handler, recorder, run_in_background):
+def test_a_slow_fetch_does_not_hold_back_other_handlers(
+    registry, list_handler, recorder, run_in_background
+):
     release = threading.Event()
 
     class SlowFetch(workitems.WorkItemHandler[int]):
@@ -163,7 +169,9 @@ def test_a_slow_fetch_does_not_hold_back_other_handlers(registry, list_handler, 
 @override_settings(WORKITEMS={"WORKERS": 4, "QUEUE_SIZE": 250})
 def test_fair_interleaving_a_small_handler_is_not_starved(registry, list_handler, recorder):
     registry.add_handler(list_handler("small", 8, delay=0.01), name="small", max_items_per_cycle=8)
-    registry.add_handler(list_handler("flood", 200, delay=0.01), name="flood", max_items_per_cycle=200)
+    registry.add_handler(
+        list_handler("flood", 200, delay=0.01), name="flood", max_items_per_cycle=200
+    )
 
     run_once(registry=registry)
 
@@ -171,23 +179,31 @@ def test_fair_interleaving_a_small_handler_is_not_starved(registry, list_handler
     assert order.count("small:done") == 8 and order.count("flood:done") == 200
     last_small = max(i for i, kind in enumerate(order) if kind == "small:done")
     flood_before = order[:last_small].count("flood:done")
-    assert flood_before < 0.3 * 200, f"{flood_before} flood items finished before the last small one"
+    assert flood_before < 0.3 * 200, (
+        f"{flood_before} flood items finished before the last small one"
+    )
 
 
 @override_settings(WORKITEMS={"WORKERS": 2, "QUEUE_SIZE": 10, "POLL_INTERVAL": 3600})
-def test_items_in_flight_stay_bounded_whatever_max_items_per_cycle(registry, recorder, run_in_background):
+def test_items_in_flight_stay_bounded_whatever_max_items_per_cycle(
+    registry, recorder, run_in_background
+):
     source = [{"id": i} for i in range(120)]
     in_flight: list[int] = []
 
     class Counting(ListHandler):
         def process(self, item, cancel):
             with recorder.lock:
-                fetched = sum(got for _, got in (v for k, v in recorder.events if k == "count:fetch"))
+                fetched = sum(
+                    got for _, got in (v for k, v in recorder.events if k == "count:fetch")
+                )
                 finished = sum(1 for k, _ in recorder.events if k == "count:done")
                 in_flight.append(fetched - finished)
             super().process(item, cancel)
 
-    registry.add_handler(lambda: Counting(source, recorder, "count"), name="count", max_items_per_cycle=1000)
+    registry.add_handler(
+        lambda: Counting(source, recorder, "count"), name="count", max_items_per_cycle=1000
+    )
     run_in_background(registry=registry)
     wait_for(lambda: recorder.count("count:done") == 120, message="120 items")
 
@@ -204,11 +220,15 @@ def test_a_full_batch_drains_without_waiting_for_the_poll_interval(registry, run
     registry.add_handler(JobHandler, name="jobs", max_items_per_cycle=10, poll_interval="01:00:00")
 
     run_in_background(registry=registry)
-    wait_for(lambda: not Job.objects.filter(status="queued").exists(), message="the backlog to drain")
+    wait_for(
+        lambda: not Job.objects.filter(status="queued").exists(), message="the backlog to drain"
+    )
 
     # JobHandler does not claim: a fetch while items are pending would process them twice.
     assert set(Job.objects.values_list("times_processed", flat=True)) == {1}
-    wait_for(lambda: HandlerRun.objects.filter(status=RunStatus.SUCCEEDED).count() == 3, message="3 runs")
+    wait_for(
+        lambda: HandlerRun.objects.filter(status=RunStatus.SUCCEEDED).count() == 3, message="3 runs"
+    )
     assert sorted(HandlerRun.objects.values_list("items_fetched", flat=True)) == [5, 10, 10]
 
 
@@ -222,14 +242,18 @@ def test_a_non_exclusive_handler_is_fetched_again_while_its_items_are_in_process
     class Watching(ListHandler):
         def fetch_next(self, max_items, cancel):
             with recorder.lock:
-                fetched = sum(got for _, got in (v for k, v in recorder.events if k == "claims:fetch"))
+                fetched = sum(
+                    got for _, got in (v for k, v in recorder.events if k == "claims:fetch")
+                )
                 done = sum(1 for k, _ in recorder.events if k == "claims:done")
             overlaps.append(fetched - done)
             return super().fetch_next(max_items, cancel)
 
     registry.add_handler(
         lambda: Watching(factory.source, recorder, "claims", delay=0.002),
-        name="claims", max_items_per_cycle=20, exclusive=False,
+        name="claims",
+        max_items_per_cycle=20,
+        exclusive=False,
     )
     run_in_background(registry=registry)
     wait_for(lambda: recorder.count("claims:done") == 300, message="300 items")
@@ -266,8 +290,12 @@ def test_max_concurrency_caps_items_in_process(registry, recorder):
                     current["n"] -= 1
 
     source = [{"id": i} for i in range(20)]
-    registry.add_handler(lambda: Capped(source, recorder, "capped"), name="capped", max_concurrency=2,
-                         max_items_per_cycle=20)
+    registry.add_handler(
+        lambda: Capped(source, recorder, "capped"),
+        name="capped",
+        max_concurrency=2,
+        max_items_per_cycle=20,
+    )
 
     result = run_once(registry=registry)
 
@@ -276,7 +304,9 @@ def test_max_concurrency_caps_items_in_process(registry, recorder):
 
 
 def test_disabled_handlers_are_skipped(registry, list_handler, recorder):
-    registry.add_handler(list_handler("off", 3), name="off").add_handler(list_handler("on", 3), name="on")
+    registry.add_handler(list_handler("off", 3), name="off").add_handler(
+        list_handler("on", 3), name="on"
+    )
     recording.sync_handlers(registry)
     Handler.objects.filter(name="off").update(is_enabled=False)
 
@@ -286,7 +316,9 @@ def test_disabled_handlers_are_skipped(registry, list_handler, recorder):
     assert result["on"].succeeded == 3
 
 
-def test_disabled_handler_is_skipped_by_a_running_worker(registry, list_handler, recorder, run_in_background):
+def test_disabled_handler_is_skipped_by_a_running_worker(
+    registry, list_handler, recorder, run_in_background
+):
     registry.add_handler(list_handler("paused", 3), name="paused")
     registry.add_handler(list_handler("active", 0), name="active", poll_interval=0.05)
     recording.sync_handlers(registry)
@@ -325,8 +357,11 @@ def test_counts_are_written_per_batch_not_per_item(registry, list_handler, monke
         return original(run_id, **kwargs)
 
     monkeypatch.setattr(recording, "record_progress", spy)
-    registry.add_handler(list_handler("batch", 50, fail=lambda item: item["id"].endswith("7")), name="batch",
-                         max_items_per_cycle=50)
+    registry.add_handler(
+        list_handler("batch", 50, fail=lambda item: item["id"].endswith("7")),
+        name="batch",
+        max_items_per_cycle=50,
+    )
 
     result = run_once(registry=registry)
 

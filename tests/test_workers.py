@@ -39,7 +39,9 @@ def test_runs_of_a_dead_worker_are_abandoned_and_live_ones_kept():
 @pytest.mark.django_db
 def test_an_abandoned_run_is_not_overwritten_by_its_late_worker():
     run = HandlerRunFactory(status=RunStatus.ABANDONED)
-    recording.record_progress(run.pk, succeeded=3, failed=0, failures=[], status=RunStatus.SUCCEEDED)
+    recording.record_progress(
+        run.pk, succeeded=3, failed=0, failures=[], status=RunStatus.SUCCEEDED
+    )
     run.refresh_from_db()
     assert run.status == RunStatus.ABANDONED
 
@@ -53,7 +55,9 @@ def test_lease_is_taken_with_one_conditional_update():
     assert not recording.acquire_lease(handler.pk, "worker:2", ttl)
     recording.release_lease(handler.pk, "worker:2")  # not the holder: no effect
     assert recording.lease_holder(handler.pk) == "worker:1"
-    Handler.objects.filter(pk=handler.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    Handler.objects.filter(pk=handler.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
     assert recording.acquire_lease(handler.pk, "worker:2", ttl)
     assert recording.renew_leases("worker:2", timedelta(hours=1)) == 1
     handler.refresh_from_db()
@@ -64,7 +68,9 @@ def test_lease_is_taken_with_one_conditional_update():
 
 @pytest.mark.django_db(transaction=True)
 @override_settings(WORKITEMS={"LEASE_TIMEOUT": "00:00:01", "POLL_INTERVAL": 3600})
-def test_a_running_worker_heartbeats_and_abandons_the_runs_of_dead_workers(registry, list_handler, run_in_background):
+def test_a_running_worker_heartbeats_and_abandons_the_runs_of_dead_workers(
+    registry, list_handler, run_in_background
+):
     dead = WorkerFactory(last_heartbeat_at=timezone.now() - timedelta(minutes=5))
     orphan = HandlerRunFactory(worker=dead, status=RunStatus.RUNNING)
     registry.add_handler(list_handler("idle", 0), name="idle")
@@ -75,14 +81,19 @@ def test_a_running_worker_heartbeats_and_abandons_the_runs_of_dead_workers(regis
         lambda: Worker.objects.get(pk=service.worker.pk).last_heartbeat_at > first_beat,
         message="a heartbeat",
     )
-    wait_for(lambda: HandlerRun.objects.get(pk=orphan.pk).status == RunStatus.ABANDONED, message="abandon")
+    wait_for(
+        lambda: HandlerRun.objects.get(pk=orphan.pk).status == RunStatus.ABANDONED,
+        message="abandon",
+    )
 
 
 @pytest.mark.django_db
 def test_sync_handlers_creates_updates_and_flags_unregistered(registry, list_handler):
     HandlerFactory(name="gone", is_registered=True)
     HandlerFactory(name="kept", max_items_per_cycle=1, is_enabled=False)
-    registry.add_handler(list_handler("kept", 0), name="kept", max_items_per_cycle=7, purpose="export")
+    registry.add_handler(
+        list_handler("kept", 0), name="kept", max_items_per_cycle=7, purpose="export"
+    )
     registry.add_handler(list_handler("new", 0), name="new")
 
     rows = recording.sync_handlers(registry)

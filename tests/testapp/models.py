@@ -15,3 +15,6 @@ class Job(models.Model):
     class Meta:
         app_label = "testapp"
         ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"job {self.pk} ({self.queue}, {self.action})"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from datetime import timedelta
 from typing import Any
 
@@ -15,8 +14,8 @@ from django_workitems.conf import app_settings, parse_duration
 from django_workitems.exceptions import UnknownHandlerError
 from django_workitems.handlers import Purpose
 from django_workitems.log import configure_logging
-from django_workitems.reports import handler_table
 from django_workitems.registry import registry
+from django_workitems.reports import handler_table
 
 EXIT_FETCH_FAILED = 1
 EXIT_USAGE = 2
@@ -95,7 +94,7 @@ class Command(BaseCommand):
             return
         result = service.run_once()
         for outcome in result:
-            state = outcome.skipped and f"skipped ({outcome.skipped})" or outcome.status or "-"
+            state = (outcome.skipped and f"skipped ({outcome.skipped})") or outcome.status or "-"
             self.stdout.write(
                 f"{outcome.handler}: {state}, {outcome.fetched} fetched, "
                 f"{outcome.succeeded} succeeded, {outcome.failed} failed"
