@@ -391,27 +391,34 @@ class WorkItemProcessingService:
         return activations
 
     def _fetch(self, activation: Activation) -> None:
-        reserved = activation.max_items
+        """The fetch thread: every path reports the fetch and, if nothing was queued, finishes."""
+        handed_over = False
         try:
-            reserved = self._fetch_and_queue(activation)
-        except BaseException as exc:  # the thread must end with the activation accounted for
-            logger.exception(
-                "Handler %s: the activation broke: %s",
+            handed_over = self._fetch_and_queue(activation)
+        except BaseException as exc:  # e.g. the database is down: recorded, retried later
+            activation.result.status = RunStatus.FAILED
+            activation.result.error = activation.result.error or _format_exception(exc)
+            logger.error(
+                "Handler %s: the activation failed: %s",
                 activation.name,
                 exc,
+                exc_info=True,
                 extra=activation.log_extra(),
             )
-            activation.result.error = activation.result.error or _format_exception(exc)
-            self._finish(activation)
         finally:
-            if reserved:
-                self.channel.unreserve(activation.name, reserved)
-            connections.close_all()
-            with self._lock:
-                self._fetch_threads.discard(threading.current_thread())
+            try:
+                if not handed_over:
+                    self.channel.unreserve(activation.name, activation.max_items)
+                self._fetched(activation)
+                if not handed_over:
+                    self._finish(activation)
+            finally:
+                connections.close_all()
+                with self._lock:
+                    self._fetch_threads.discard(threading.current_thread())
 
-    def _fetch_and_queue(self, activation: Activation) -> int:
-        """Fetch and queue the items; returns the reserved slots left to give back."""
+    def _fetch_and_queue(self, activation: Activation) -> bool:
+        """Fetch and queue the items; True once they (and the reservation) are in the channel."""
         reg = activation.registration
         result = activation.result
         if reg.exclusive:
@@ -423,9 +430,7 @@ class WorkItemProcessingService:
                 logger.debug(
                     "Handler %s skipped: %s", reg.name, result.skipped, extra=activation.log_extra()
                 )
-                self._fetched(activation)
-                self._finish(activation)
-                return activation.max_items
+                return False
             activation.lease_held = True
         started_at = timezone.now()
         try:
@@ -437,19 +442,10 @@ class WorkItemProcessingService:
             )
         except Cancelled:
             result.skipped = "shutting down"
-            self._fetched(activation)
-            self._finish(activation)
-            return activation.max_items
+            return False
         except Exception as exc:
             result.status = RunStatus.FAILED
             result.error = _format_exception(exc)
-            activation.run_id = recording.create_run(
-                activation.handler_id,
-                worker_id=self.worker_id,
-                started_at=started_at,
-                items_fetched=0,
-                error=result.error,
-            )
             logger.error(
                 "Handler %s: fetch_next raised %s: %s",
                 reg.name,
@@ -458,10 +454,18 @@ class WorkItemProcessingService:
                 exc_info=True,
                 extra=activation.log_extra(),
             )
-            self._fetched(activation)
-            self._finish(activation)
-            return activation.max_items
+            activation.run_id = recording.create_run(
+                activation.handler_id,
+                worker_id=self.worker_id,
+                started_at=started_at,
+                items_fetched=0,
+                error=result.error,
+            )
+            return False
         result.fetched = len(items)
+        if not items:
+            logger.debug("Handler %s: nothing to do", reg.name, extra=activation.log_extra())
+            return False
         if len(items) > activation.max_items:
             logger.warning(
                 "Handler %s: fetch_next returned %d items, more than the %d asked for",
@@ -470,24 +474,21 @@ class WorkItemProcessingService:
                 activation.max_items,
                 extra=activation.log_extra(),
             )
-        if not items:
-            logger.debug("Handler %s: nothing to do", reg.name, extra=activation.log_extra())
-            self._fetched(activation)
-            self._finish(activation)
-            return activation.max_items
-        activation.run_id = recording.create_run(
-            activation.handler_id,
-            worker_id=self.worker_id,
-            started_at=started_at,
-            items_fetched=len(items),
-        )
+        try:
+            activation.run_id = recording.create_run(
+                activation.handler_id,
+                worker_id=self.worker_id,
+                started_at=started_at,
+                items_fetched=len(items),
+            )
+        except BaseException:
+            self._give_back(activation, items)  # claimed items must not stay claimed
+            raise
         activation.items_queued(len(items))
-        if not self.channel.put(
-            reg.name, [(activation, item) for item in items], activation.max_items
-        ):
-            self._release([(reg.name, (activation, item)) for item in items])
-        self._fetched(activation)
-        return 0
+        entries = [(activation, item) for item in items]
+        if not self.channel.put(reg.name, entries, activation.max_items):
+            self._release([(reg.name, entry) for entry in entries])  # shutting down meanwhile
+        return True
 
     def _fetched(self, activation: Activation) -> None:
         if self._on_fetched is not None:
@@ -581,23 +582,27 @@ class WorkItemProcessingService:
         for _key, (activation, item) in entries:
             by_activation.setdefault(activation, []).append(item)
         for activation, items in by_activation.items():
-            assert activation.handler is not None
-            try:
-                activation.handler.release(items)
-            except Exception:
-                logger.exception(
-                    "Handler %s: release() of %d unstarted items raised",
-                    activation.name,
-                    len(items),
-                    extra=activation.log_extra(),
-                )
+            self._give_back(activation, items)
+            self._item_counted(activation, activation.item_done(cancelled=len(items)))
+
+    def _give_back(self, activation: Activation, items: Sequence[Any]) -> None:
+        assert activation.handler is not None
+        try:
+            activation.handler.release(items)
+        except Exception:
+            logger.exception(
+                "Handler %s: release() of %d unstarted items raised",
+                activation.name,
+                len(items),
+                extra=activation.log_extra(),
+            )
+        else:
             logger.info(
                 "Handler %s: released %d items never started",
                 activation.name,
                 len(items),
                 extra=activation.log_extra(),
             )
-            self._item_counted(activation, activation.item_done(cancelled=len(items)))
 
     # -- finishing ------------------------------------------------------------------------
 

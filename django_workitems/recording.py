@@ -11,6 +11,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.db import transaction
 from django.db.models import F, Q
@@ -124,21 +125,25 @@ def record_progress(
     status: str | None = None,
     error: str | None = None,
 ) -> None:
-    """Add a batch of outcomes to a run; with ``status``, also finish it."""
-    changes: dict[str, object] = {}
+    """Add a batch of outcomes to a run; with ``status``, also finish it.
+
+    Counts are added whatever the run's status (a progress batch may land after the finish);
+    the status is only changed while the run is ``running``, so a run that another worker
+    marked ``abandoned`` stays so.
+    """
+    counts: dict[str, Any] = {}
     if succeeded:
-        changes["items_succeeded"] = F("items_succeeded") + succeeded
+        counts["items_succeeded"] = F("items_succeeded") + succeeded
     if failed:
-        changes["items_failed"] = F("items_failed") + failed
-    if status is not None:
-        changes["status"] = status
-        changes["finished_at"] = timezone.now()
-    if error:
-        changes["error"] = error[:MAX_MESSAGE]
+        counts["items_failed"] = F("items_failed") + failed
     with transaction.atomic():
-        if changes:
-            # Only a running run is touched: one marked abandoned by another worker stays so.
-            HandlerRun.objects.filter(pk=run_id, status=RunStatus.RUNNING).update(**changes)
+        if counts:
+            HandlerRun.objects.filter(pk=run_id).update(**counts)
+        if status is not None:
+            ending: dict[str, Any] = {"status": status, "finished_at": timezone.now()}
+            if error:
+                ending["error"] = error[:MAX_MESSAGE]
+            HandlerRun.objects.filter(pk=run_id, status=RunStatus.RUNNING).update(**ending)
         if failures:
             ItemFailure.objects.bulk_create(
                 ItemFailure(

@@ -422,3 +422,37 @@ def test_stop_releases_unstarted_items_and_records_the_run_cancelled(registry, r
     assert service.worker is not None
     service.worker.refresh_from_db()
     assert service.worker.stopped_at is not None
+
+
+@override_settings(WORKITEMS={"POLL_INTERVAL": 0.1})
+def test_a_database_error_after_the_fetch_gives_the_items_back_and_the_worker_goes_on(
+    registry, recorder, run_in_background, monkeypatch
+):
+    from django.db import OperationalError
+
+    source = [{"id": i} for i in range(5)]
+    released: list[Any] = []
+
+    class Releasing(ListHandler):
+        def release(self, items):
+            released.extend(item["id"] for item in items)
+            with recorder.lock:
+                source[:0] = items  # back in the source, as an un-claim would do
+
+    original = recording.create_run
+    failures = iter([True])
+
+    def flaky_create_run(*args, **kwargs):
+        if next(failures, False):
+            raise OperationalError("server closed the connection unexpectedly")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(recording, "create_run", flaky_create_run)
+    registry.add_handler(lambda: Releasing(source, recorder, "flaky"), name="flaky")
+
+    run_in_background(registry=registry)
+    wait_for(lambda: recorder.count("flaky:done") == 5, message="the items after the error")
+
+    assert sorted(released) == [0, 1, 2, 3, 4]
+    assert sorted(recorder.of("flaky:done")) == [0, 1, 2, 3, 4]
+    assert HandlerRun.objects.get(handler__name="flaky").items_succeeded == 5
