@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
+from asgiref.sync import async_to_sync
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
@@ -117,3 +119,27 @@ class WorkItemHandler(ABC, Generic[T]):
         Handlers whose ``fetch_next`` only reads need nothing here: the items were never touched.
         Handlers that claim items in ``fetch_next`` undo the claim.
         """
+
+
+def call_handler(method: Callable[..., Any], *args: Any) -> Any:
+    """Call a handler method; if it is ``async def``, run the coroutine to completion.
+
+    ``async_to_sync`` runs thread-sensitive ORM calls back on this thread, so an async handler
+    uses the calling pool thread's own connection.
+    """
+    result = method(*args)
+    if inspect.isawaitable(result):
+        return async_to_sync(_await)(result)
+    return result
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def describe_item(item: object) -> str:
+    """The id of an item for logs and failures: ``item.id``, ``item["id"]`` or the item."""
+    ident = getattr(item, "id", None)
+    if ident is None and isinstance(item, Mapping):
+        ident = item.get("id")
+    return str(item if ident is None else ident)[:255]

@@ -15,7 +15,6 @@ Threads and who owns what:
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import socket
@@ -23,11 +22,10 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from django.db import connections
 from django.utils import timezone
 
@@ -35,7 +33,7 @@ from . import recording
 from .channel import FairChannel
 from .conf import app_settings
 from .exceptions import Cancelled
-from .handlers import CancellationToken, WorkItemHandler
+from .handlers import CancellationToken, WorkItemHandler, call_handler, describe_item
 from .models import RunStatus
 from .recording import FailureRecord
 from .registry import Registration
@@ -44,30 +42,6 @@ logger = logging.getLogger("django_workitems.processing")
 
 FLUSH_INTERVAL = 2.0
 """Seconds between progress writes of a long activation (counts and failures, in one batch)."""
-
-
-def call_handler(method: Callable[..., Any], *args: Any) -> Any:
-    """Call a handler method; if it is ``async def``, run the coroutine to completion.
-
-    ``async_to_sync`` runs thread-sensitive ORM calls back on this thread, so an async handler
-    uses the calling pool thread's own connection.
-    """
-    result = method(*args)
-    if inspect.isawaitable(result):
-        return async_to_sync(_await)(result)
-    return result
-
-
-async def _await(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
-
-
-def describe_item(item: object) -> str:
-    """The id of an item for logs and failures: ``item.id``, ``item["id"]`` or the item."""
-    ident = getattr(item, "id", None)
-    if ident is None and isinstance(item, Mapping):
-        ident = item.get("id")
-    return str(item if ident is None else ident)[:255]
 
 
 def release_connections(*, idle: bool) -> None:

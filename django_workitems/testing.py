@@ -8,8 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .handlers import CancellationToken, WorkItemHandler
-from .processing import call_handler, describe_item
+from .handlers import CancellationToken, WorkItemHandler, call_handler, describe_item
 
 
 @dataclass

@@ -456,3 +456,15 @@ def test_a_database_error_after_the_fetch_gives_the_items_back_and_the_worker_go
     assert sorted(released) == [0, 1, 2, 3, 4]
     assert sorted(recorder.of("flaky:done")) == [0, 1, 2, 3, 4]
     assert HandlerRun.objects.get(handler__name="flaky").items_succeeded == 5
+
+
+def test_run_once_selects_by_name_and_purpose(registry, list_handler, recorder):
+    registry.add_handler(list_handler("in", 2), name="in", purpose=workitems.Purpose.INGESTION)
+    registry.add_handler(list_handler("out", 2), name="out", purpose=workitems.Purpose.EXPORT)
+    registry.add_handler(list_handler("other", 2), name="other", purpose=workitems.Purpose.EXPORT)
+
+    assert list(run_once(registry=registry, purpose="export").handlers) == ["other", "out"]
+    assert list(run_once(registry=registry, handlers=["in"]).handlers) == ["in"]
+    assert recorder.count("in:done") == recorder.count("out:done") == 2
+    with pytest.raises(workitems.UnknownHandlerError, match="registered handlers: in, other, out"):
+        run_once(registry=registry, handlers=["missing"])
