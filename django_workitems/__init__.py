@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from .exceptions import Cancelled, ConfigurationError, UnknownHandlerError, WorkItemsError
-from .handlers import CancellationToken, Purpose, WorkItem, WorkItemHandler
+from .handlers import CancellationToken, Purpose, QuerySetHandler, WorkItem, WorkItemHandler
 from .registry import HandlerRegistry, Registration, add_handler, get_handlers, registry
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ __all__ = [
     "ConfigurationError",
     "HandlerRegistry",
     "Purpose",
+    "QuerySetHandler",
     "Registration",
     "UnknownHandlerError",
     "WorkItem",

@@ -17,6 +17,8 @@ class FairChannel(Generic[E]):
     Capacity is counted in entries queued plus slots *reserved* for fetches in flight, so
     items fetched but not yet started never exceed ``capacity`` (the handlers are asked for no
     more than they were given room for). ``take`` skips keys at their concurrency limit.
+    An entry put with ``solo=True`` is handed out only when nothing else is in process, and
+    nothing else is handed out while it is: a suspect item runs alone.
     One condition variable guards all state; callbacks run outside it.
     """
 
@@ -25,12 +27,14 @@ class FairChannel(Generic[E]):
             raise ValueError(f"capacity must be >= 1, got {capacity!r}")
         self.capacity = capacity
         self._cond = threading.Condition()
-        self._queues: dict[str, deque[E]] = {}
+        self._queues: dict[str, deque[tuple[E, bool]]] = {}
         self._ring: deque[str] = deque()  # keys with queued entries, in turn order
         self._reserved: Counter[str] = Counter()
         self._in_process: Counter[str] = Counter()
         self._limits: dict[str, int] = {}
         self._size = 0
+        self._busy = 0  # entries in process, all keys
+        self._solo_running = False
         self._closed = False
         self._on_room = on_room
         self._low_water = max(1, capacity // 2)
@@ -75,7 +79,9 @@ class FairChannel(Generic[E]):
         else:
             del self._reserved[key]
 
-    def put(self, key: str, entries: Sequence[E], reserved: int) -> bool:
+    def put(
+        self, key: str, entries: Sequence[E], reserved: int, solo: Sequence[bool] | None = None
+    ) -> bool:
         """Queue ``entries`` of ``key`` in place of ``reserved`` slots; False once closed.
 
         Entries beyond the reservation are still accepted (a handler that returns more than it
@@ -92,7 +98,8 @@ class FairChannel(Generic[E]):
                     queue = self._queues[key] = deque()
                 if not queue:
                     self._ring.append(key)
-                queue.extend(entries)
+                flags = solo if solo is not None else [False] * len(entries)
+                queue.extend(zip(entries, flags, strict=True))
                 self._size += len(entries)
                 self._cond.notify(len(entries))
         if freed:
@@ -135,6 +142,8 @@ class FairChannel(Generic[E]):
         return found
 
     def _next(self) -> tuple[str, E] | None:
+        if self._solo_running:
+            return None
         for _ in range(len(self._ring)):
             key = self._ring[0]
             self._ring.rotate(-1)  # key is now last: the next take starts with its successor
@@ -142,10 +151,18 @@ class FairChannel(Generic[E]):
             if limit is not None and self._in_process[key] >= limit:
                 continue
             queue = self._queues[key]
-            entry = queue.popleft()
+            if queue[0][1]:
+                if self._busy:
+                    # Hold everything back until the pool is empty, or the suspect would
+                    # wait forever behind a steady stream of other items.
+                    self._ring.rotate(1)
+                    return None
+                self._solo_running = True
+            entry, _solo = queue.popleft()
             if not queue:
                 self._ring.pop()
             self._size -= 1
+            self._busy += 1
             self._in_process[key] += 1
             return key, entry
         return None
@@ -156,7 +173,9 @@ class FairChannel(Generic[E]):
             self._in_process[key] -= 1
             if self._in_process[key] <= 0:
                 del self._in_process[key]
-            if key in self._limits:
+            self._busy -= 1
+            self._solo_running = False if self._busy == 0 else self._solo_running
+            if key in self._limits or self._busy == 0:
                 self._cond.notify_all()
 
     # -- shutdown ---------------------------------------------------------------------------
@@ -174,7 +193,7 @@ class FairChannel(Generic[E]):
     def drain(self) -> list[tuple[str, E]]:
         """Remove and return every queued entry (those never started)."""
         with self._cond:
-            drained = [(key, entry) for key, queue in self._queues.items() for entry in queue]
+            drained = [(key, entry) for key, queue in self._queues.items() for entry, _ in queue]
             self._queues.clear()
             self._ring.clear()
             self._size = 0

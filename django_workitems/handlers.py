@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
+import time
+import traceback
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
+from contextvars import ContextVar
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 from asgiref.sync import async_to_sync
+from django.core.exceptions import ImproperlyConfigured
 from django.db import models
+from django.db.models.query import QuerySet
+from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from .exceptions import Cancelled
 
+if TYPE_CHECKING:
+    from .models import WorkItemModel, WorkItemQuerySet
+
 T = TypeVar("T")
+_logger = logging.getLogger("django_workitems.handlers")
+
+current_worker_id: ContextVar[int | None] = ContextVar("workitems_worker_id", default=None)
+"""The ``Worker`` row of the process running the current fetch (None outside a worker)."""
 
 
 class Purpose(models.TextChoices):
@@ -113,6 +128,18 @@ class WorkItemHandler(ABC, Generic[T]):
         """How many items are waiting, for the admin and GraphQL; None when unknown."""
         return None
 
+    def oldest_waiting(self) -> datetime | None:
+        """When the oldest waiting item was created, so lag shows; None when unknown."""
+        return None
+
+    def isolate(self, item: T) -> bool:
+        """True to process ``item`` with nothing else in process in this worker.
+
+        For suspects: an item taken back from a worker that died is retried alone, so that if
+        it kills this worker too, no innocent item was in process beside it.
+        """
+        return False
+
     def release(self, items: Sequence[T]) -> None:
         """Give back items that were fetched but never started (on shutdown).
 
@@ -143,3 +170,217 @@ def describe_item(item: object) -> str:
     if ident is None and isinstance(item, Mapping):
         ident = item.get("id")
     return str(item if ident is None else ident)[:255]
+
+
+M = TypeVar("M", bound="WorkItemModel")
+
+
+class QuerySetHandler(WorkItemHandler[M]):
+    """A handler over the rows of a ``WorkItemModel``: set ``queryset``, implement ``handle``.
+
+    ``fetch_next`` claims rows atomically (``SELECT ... FOR UPDATE SKIP LOCKED`` where the
+    database has it), so any number of workers can run the handler at once: it is not
+    exclusive by default. Claims are fenced by a token per claim; outcomes are written only
+    where the row still carries it. Rows of a worker that died are taken back one at a time
+    and retried alone (see :meth:`isolate`), each time counting as an attempt.
+    """
+
+    exclusive_by_default = False
+    queryset: ClassVar[QuerySet[Any] | None] = None
+    """The rows this handler works on (a queryset of a ``WorkItemModel`` subclass)."""
+    max_attempts: ClassVar[int] = 3
+    """Attempts (claims) before a row that keeps failing is marked ``failed``."""
+    retry_backoff: ClassVar[float] = 10.0
+    """Seconds before the first retry; doubled for each attempt after it."""
+    success_batch_size: ClassVar[int] = 100
+    """Successes are written in batches of up to this many rows (and at least once a second)."""
+
+    _suspects_lock = threading.Lock()
+    _suspects: ClassVar[set[str]] = set()  # models for which this process holds a suspect
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._succeeded: list[tuple[Any, Any]] = []
+        self._last_flush = time.monotonic()
+
+    @abstractmethod
+    def handle(self, obj: M, cancel: CancellationToken) -> Awaitable[None] | None:
+        """Do the work of one row; raise to have it retried (or failed after max_attempts)."""
+
+    def get_queryset(self) -> WorkItemQuerySet[M]:
+        """The rows to work on; by default ``queryset``."""
+        from .models import WorkItemQuerySet
+
+        if self.queryset is None:
+            raise ImproperlyConfigured(
+                f"{type(self).__qualname__} must set `queryset` or override get_queryset()."
+            )
+        qs = self.queryset.all()
+        if not isinstance(qs, WorkItemQuerySet):
+            qs = WorkItemQuerySet(model=qs.model, query=qs.query.chain(), using=qs.db)
+        return qs
+
+    def _model_key(self, qs: QuerySet[Any]) -> str:
+        return str(qs.model._meta.label)
+
+    # -- fetching -------------------------------------------------------------------------
+
+    def fetch_next(self, max_items: int, cancel: CancellationToken) -> list[M]:
+        from .conf import app_settings
+
+        qs = self.get_queryset()
+        worker_id = current_worker_id.get()
+        lease_timeout = app_settings.lease_timeout
+        failed = qs.fail_exhausted_abandoned(lease_timeout, self.max_attempts)
+        if failed:
+            _logger.error(
+                "%s: %d rows failed: their workers died while processing them %d times",
+                self._model_key(qs),
+                failed,
+                self.max_attempts,
+            )
+        rows: list[M] = []
+        key = self._model_key(qs)
+        with self._suspects_lock:
+            may_reclaim = key not in self._suspects
+            if may_reclaim:
+                self._suspects.add(key)
+        if may_reclaim:
+            try:
+                rows = qs.claim(1, worker_id=worker_id, reclaim=True, lease_timeout=lease_timeout)
+            finally:
+                if not rows:
+                    self._forget_suspect(key)
+            for row in rows:
+                row._workitems_suspect = True  # type: ignore[attr-defined]
+                _logger.warning(
+                    "%s %s: taken back from a worker that died; retrying it alone (attempt %d)",
+                    key,
+                    row.pk,
+                    row.attempts,
+                )
+        if max_items > len(rows):
+            rows.extend(qs.claim(max_items - len(rows), worker_id=worker_id))
+        return rows
+
+    def _forget_suspect(self, key: str) -> None:
+        with self._suspects_lock:
+            self._suspects.discard(key)
+
+    def isolate(self, item: M) -> bool:
+        return bool(getattr(item, "_workitems_suspect", False))
+
+    # -- processing -----------------------------------------------------------------------
+
+    def process(self, item: M, cancel: CancellationToken) -> None:
+        try:
+            call_handler(self.handle, item, cancel)
+        except Cancelled:
+            if cancel.cancelled:
+                self.release([item])
+            else:
+                self._failed(item, "Cancelled by the handler")
+            raise
+        except Exception as exc:
+            self._failed(item, "".join(traceback.format_exception(exc)))
+            raise
+        else:
+            self._done(item)
+        finally:
+            if self.isolate(item):
+                self._forget_suspect(self._model_key(self.get_queryset()))
+
+    def _done(self, item: M) -> None:
+        with self._lock:
+            self._succeeded.append((item.pk, item.claim_token))
+            due = (
+                len(self._succeeded) >= self.success_batch_size
+                or time.monotonic() - self._last_flush >= 1.0
+            )
+        if due:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Mark the buffered successes ``succeeded`` in one UPDATE, fenced by their claims."""
+        from .models import WorkItemModel
+
+        with self._lock:
+            batch, self._succeeded = self._succeeded, []
+            self._last_flush = time.monotonic()
+        if not batch:
+            return
+        pks = [pk for pk, _ in batch]
+        tokens = {token for _, token in batch}
+        written = (
+            self.get_queryset()
+            .model._base_manager.filter(
+                pk__in=pks, claim_token__in=tokens, status=WorkItemModel.STATUS.processing
+            )
+            .update(status=WorkItemModel.STATUS.succeeded, last_error="", modified=timezone.now())
+        )
+        if written < len(batch):
+            _logger.warning(
+                "%d of %d succeeded rows had been claimed by another worker meanwhile; "
+                "their outcome was left to it",
+                len(batch) - written,
+                len(batch),
+            )
+
+    def _failed(self, item: M, error: str) -> None:
+        from .models import WorkItemModel
+
+        now = timezone.now()
+        if item.attempts >= self.max_attempts:
+            changes: dict[str, Any] = {"status": WorkItemModel.STATUS.failed}
+        else:
+            delay = self.retry_backoff * 2 ** max(0, item.attempts - 1)
+            changes = {
+                "status": WorkItemModel.STATUS.queued,
+                "available_at": now + timedelta(seconds=delay),
+                "claimed_by": None,
+                "claimed_at": None,
+                "claim_token": None,
+            }
+        written = (
+            self.get_queryset()
+            .model._base_manager.filter(item.outcome_filter())
+            .update(last_error=error[-10_000:], modified=now, **changes)
+        )
+        if not written:
+            _logger.warning("%s: claim lost before its failure could be written", item.pk)
+
+    def release(self, items: Sequence[M]) -> None:
+        """Un-claim rows never started: back to ``queued``, and the attempt is not counted."""
+        from django.db.models import F, Q
+
+        from .models import WorkItemModel
+
+        if not items:
+            return
+        fence = Q()
+        for item in items:
+            fence |= item.outcome_filter()
+        self.get_queryset().model._base_manager.filter(fence).update(
+            status=WorkItemModel.STATUS.queued,
+            claimed_by=None,
+            claimed_at=None,
+            claim_token=None,
+            attempts=F("attempts") - 1,
+            modified=timezone.now(),
+        )
+        if any(self.isolate(item) for item in items):
+            self._forget_suspect(self._model_key(self.get_queryset()))
+
+    def close(self) -> None:
+        self._flush()
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def backlog(self) -> int:
+        """Queued rows."""
+        return self.get_queryset().queued().count()
+
+    def oldest_waiting(self) -> datetime | None:
+        """Creation time of the oldest queued row."""
+        row = self.get_queryset().queued().order_by("created").values_list("created", flat=True)
+        return row.first()

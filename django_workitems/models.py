@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta
+from typing import TypeVar
 
-from django.db import models
-from django.db.models import Q
+from django.db import models, transaction
+from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
+from model_utils import Choices
+from model_utils.fields import StatusField
 from model_utils.models import TimeStampedModel
 
 from .handlers import Purpose
+
+_W = TypeVar("_W", bound="WorkItemModel")
 
 
 class WorkerQuerySet(models.QuerySet["Worker"]):
@@ -184,3 +190,132 @@ class ItemFailure(models.Model):
 def lease_is_free(now: datetime) -> Q:
     """Rows whose lease nobody holds, or whose holder let it expire."""
     return Q(lease_owner="") | Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
+
+
+# Database-backed work items ------------------------------------------------------------
+
+
+class WorkItemQuerySet(models.QuerySet[_W]):
+    """Claims and outcomes of ``WorkItemModel`` rows; every verb is a constant number of queries."""
+
+    def queued(self) -> WorkItemQuerySet[_W]:
+        return self.filter(status=WorkItemModel.STATUS.queued)
+
+    def available(self, now: datetime | None = None) -> WorkItemQuerySet[_W]:
+        """Queued rows whose ``available_at`` has come."""
+        return self.queued().filter(available_at__lte=now or timezone.now())
+
+    def abandoned(
+        self, lease_timeout: timedelta, now: datetime | None = None
+    ) -> WorkItemQuerySet[_W]:
+        """Rows in process under a claim whose worker stopped or stopped heartbeating."""
+        now = now or timezone.now()
+        dead = Worker.objects.dead(lease_timeout).values("pk")
+        return self.filter(status=WorkItemModel.STATUS.processing).filter(
+            Q(claimed_by__in=dead) | Q(claimed_by__isnull=True, claimed_at__lt=now - lease_timeout)
+        )
+
+    def claim(
+        self,
+        max_items: int,
+        *,
+        worker_id: int | None,
+        reclaim: bool = False,
+        lease_timeout: timedelta | None = None,
+    ) -> list[_W]:
+        """Claim up to ``max_items`` available rows (or, with ``reclaim``, one abandoned row).
+
+        Rows are picked with ``SELECT ... FOR UPDATE SKIP LOCKED`` where the database has it,
+        and taken with a conditional UPDATE either way, so two workers never claim one row.
+        Each claim carries a fresh token; outcomes are written only where it still matches.
+        Every claim counts as an attempt.
+        """
+        now = timezone.now()
+        token = uuid.uuid4()
+        if reclaim:
+            assert lease_timeout is not None
+            candidates = self.abandoned(lease_timeout, now).order_by("claimed_at", "pk")
+            max_items = 1
+        else:
+            candidates = self.available(now).order_by("available_at", "pk")
+        with transaction.atomic(using=self.db):
+            ids = list(
+                candidates.select_for_update(skip_locked=True).values_list("pk", flat=True)[
+                    :max_items
+                ]
+            )
+            if not ids:
+                return []
+            # Re-check the state in the UPDATE itself: on SQLite there is no row lock.
+            still = (
+                candidates.filter(pk__in=ids)
+                if not reclaim
+                else self.filter(pk__in=ids, status=WorkItemModel.STATUS.processing).exclude(
+                    claim_token=None, claimed_at=None
+                )
+            )
+            still.update(
+                status=WorkItemModel.STATUS.processing,
+                claimed_by_id=worker_id,
+                claimed_at=now,
+                claim_token=token,
+                attempts=F("attempts") + 1,
+                modified=now,
+            )
+        return list(
+            self.model._base_manager.using(self.db).filter(claim_token=token).order_by("pk")
+        )
+
+    def fail_exhausted_abandoned(self, lease_timeout: timedelta, max_attempts: int) -> int:
+        """Mark ``failed`` the abandoned rows that already used every attempt."""
+        now = timezone.now()
+        return (
+            self.abandoned(lease_timeout, now)
+            .filter(attempts__gte=max_attempts)
+            .update(
+                status=WorkItemModel.STATUS.failed,
+                last_error=(
+                    f"Its worker died while processing it, {max_attempts} times: "
+                    "the item most likely kills the worker (crash, out of memory)."
+                ),
+                claimed_by=None,
+                claim_token=None,
+                modified=now,
+            )
+        )
+
+
+class WorkItemModel(TimeStampedModel):
+    """Abstract base of database-backed work items, claimed by ``QuerySetHandler``."""
+
+    STATUS = Choices("queued", "processing", "succeeded", "failed")
+
+    status = StatusField(_("status"), default=STATUS.queued, db_index=False)
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    available_at = models.DateTimeField(_("available at"), default=timezone.now)
+    claimed_by = models.ForeignKey(
+        Worker,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("claimed by"),
+    )
+    claimed_at = models.DateTimeField(_("claimed at"), null=True, blank=True)
+    claim_token = models.UUIDField(_("claim token"), null=True, blank=True, editable=False)
+    last_error = models.TextField(_("last error"), blank=True)
+
+    objects = WorkItemQuerySet.as_manager()
+
+    class Meta:
+        abstract = True
+        indexes = [
+            # Claims read queued rows by availability, and processing rows by claim age; the
+            # status prefix keeps them fast however many finished rows the table holds.
+            models.Index(fields=["status", "available_at"]),
+            models.Index(fields=["claim_token"]),
+        ]
+
+    def outcome_filter(self) -> Q:
+        """Rows this claim still holds: the fence for writing an outcome."""
+        return Q(pk=self.pk, claim_token=self.claim_token, status=self.STATUS.processing)

@@ -33,7 +33,13 @@ from . import recording
 from .channel import FairChannel
 from .conf import app_settings
 from .exceptions import Cancelled
-from .handlers import CancellationToken, WorkItemHandler, call_handler, describe_item
+from .handlers import (
+    CancellationToken,
+    WorkItemHandler,
+    call_handler,
+    current_worker_id,
+    describe_item,
+)
 from .models import RunStatus
 from .recording import FailureRecord
 from .registry import Registration
@@ -367,6 +373,7 @@ class WorkItemProcessingService:
     def _fetch(self, activation: Activation) -> None:
         """The fetch thread: every path reports the fetch and, if nothing was queued, finishes."""
         handed_over = False
+        current_worker_id.set(self.worker_id)  # this thread's own context: no reset needed
         try:
             handed_over = self._fetch_and_queue(activation)
         except BaseException as exc:  # e.g. the database is down: recorded, retried later
@@ -449,6 +456,7 @@ class WorkItemProcessingService:
                 extra=activation.log_extra(),
             )
         try:
+            solo = [bool(activation.handler.isolate(item)) for item in items]
             activation.run_id = recording.create_run(
                 activation.handler_id,
                 worker_id=self.worker_id,
@@ -460,7 +468,7 @@ class WorkItemProcessingService:
             raise
         activation.items_queued(len(items))
         entries = [(activation, item) for item in items]
-        if not self.channel.put(reg.name, entries, activation.max_items):
+        if not self.channel.put(reg.name, entries, activation.max_items, solo):
             self._release([(reg.name, entry) for entry in entries])  # shutting down meanwhile
         return True
 

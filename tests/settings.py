@@ -1,5 +1,6 @@
 """Settings of the test suite; ``DATABASE_URL`` chooses the database (SQLite by default)."""
 
+import os
 from pathlib import Path
 
 import environ

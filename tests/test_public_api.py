@@ -38,7 +38,12 @@ def test_the_package_imports_without_django_settings():
 
 
 def test_get_handlers_lists_the_default_registry_by_purpose():
-    # The test app registers jobs (internal), slow-jobs (export) and broken-fetch (ingestion).
-    assert workitems.get_handlers() == ["broken-fetch", "jobs", "slow-jobs"]
-    assert workitems.get_handlers(purpose=workitems.Purpose.EXPORT) == ["slow-jobs"]
-    assert workitems.get_handlers("ingestion") == ["broken-fetch"]
+    # The test app registers jobs (internal), slow-jobs (export), broken-fetch (ingestion)...
+    names = workitems.get_handlers()
+    assert names == sorted(names)
+    assert {"broken-fetch", "jobs", "slow-jobs", "tasks", "exclusive-jobs"} <= set(names)
+    export = workitems.get_handlers(purpose=workitems.Purpose.EXPORT)
+    assert "slow-jobs" in export and "jobs" not in export
+    ingestion = workitems.get_handlers("ingestion")
+    assert "broken-fetch" in ingestion and "slow-jobs" not in ingestion
+    assert set(export) | set(ingestion) | set(workitems.get_handlers("internal")) == set(names)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 from django.db.models import F
@@ -9,7 +11,7 @@ from django.utils import timezone
 
 import django_workitems as workitems
 
-from .models import Job
+from .models import Activity, Job, ProcessLog, Task
 
 
 class JobHandler(workitems.WorkItemHandler[Job]):
@@ -43,3 +45,33 @@ class BrokenFetchHandler(workitems.WorkItemHandler[Job]):
 
     def process(self, item: Job, cancel: workitems.CancellationToken) -> None:  # pragma: no cover
         raise AssertionError("never reached")
+
+
+class TaskHandler(workitems.QuerySetHandler[Task]):
+    """Claims Task rows; ``action`` says what handling does (``crash`` kills the worker)."""
+
+    queryset = Task.objects.all()
+    retry_backoff = 0.05
+
+    def handle(self, obj: Task, cancel: workitems.CancellationToken) -> None:
+        ProcessLog.objects.create(task_id=obj.pk, pid=os.getpid())
+        if obj.action == "crash":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if obj.action == "fail":
+            raise ValueError(f"task {obj.pk} is set to fail")
+        if obj.seconds and cancel.wait(obj.seconds):
+            raise workitems.Cancelled()
+
+
+class ExclusiveJobHandler(JobHandler):
+    """Reads without claiming (so it must never run in two processes at once) and logs spans."""
+
+    queue = "exclusive"
+
+    def fetch_next(self, max_items: int, cancel: workitems.CancellationToken) -> list[Job]:
+        self.started = timezone.now()
+        return super().fetch_next(max_items, cancel)
+
+    def close(self) -> None:
+        if hasattr(self, "started"):
+            Activity.objects.create(pid=os.getpid(), started=self.started, ended=timezone.now())

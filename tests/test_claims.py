@@ -1,0 +1,249 @@
+"""WorkItemModel claims and QuerySetHandler outcomes, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import connection, connections
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+import django_workitems as workitems
+from django_workitems.background import run_once
+from django_workitems.handlers import current_worker_id
+from django_workitems.testing import run_handler
+from tests.factories import WorkerFactory
+from tests.testapp.handlers import TaskHandler
+from tests.testapp.models import ProcessLog, Task
+
+LEASE = timedelta(seconds=10)
+
+
+@pytest.mark.django_db
+def test_claim_takes_available_rows_once_with_a_fresh_token():
+    worker = WorkerFactory()
+    Task.objects.bulk_create([Task() for _ in range(10)])
+    Task.objects.create(available_at=timezone.now() + timedelta(hours=1))  # not yet
+
+    first = Task.objects.claim(6, worker_id=worker.pk)
+    second = Task.objects.claim(6, worker_id=worker.pk)
+    third = Task.objects.claim(6, worker_id=worker.pk)
+
+    assert len(first) == 6 and len(second) == 4 and third == []
+    assert not {t.pk for t in first} & {t.pk for t in second}
+    assert {t.status for t in first} == {"processing"} and {t.attempts for t in first} == {1}
+    assert {t.claimed_by_id for t in first} == {worker.pk}
+    assert len({t.claim_token for t in first}) == 1
+    assert first[0].claim_token != second[0].claim_token
+
+
+@pytest.mark.django_db
+def test_claiming_costs_a_constant_number_of_queries():
+    Task.objects.bulk_create([Task() for _ in range(120)])
+    with CaptureQueriesContext(connection) as small:
+        assert len(Task.objects.claim(5, worker_id=None)) == 5
+    with CaptureQueriesContext(connection) as large:
+        assert len(Task.objects.claim(100, worker_id=None)) == 100
+    assert len(small) == len(large) <= 6
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_claims_never_hand_a_row_to_two_claimers():
+    Task.objects.bulk_create([Task() for _ in range(300)])
+    claimed: list[list[int]] = [[] for _ in range(4)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def claimer(index: int) -> None:
+        try:
+            start.wait()
+            while rows := Task.objects.claim(7, worker_id=None):
+                claimed[index].extend(row.pk for row in rows)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert not errors
+    everything = [pk for part in claimed for pk in part]
+    assert len(everything) == len(set(everything)) == 300
+
+
+@pytest.mark.django_db
+def test_failures_are_retried_with_back_off_then_failed_after_max_attempts():
+    task = Task.objects.create(action="fail")
+    for attempt in (1, 2):
+        result = run_handler(TaskHandler)
+        assert result.failed == 1
+        task.refresh_from_db()
+        assert (task.status, task.attempts) == ("queued", attempt)
+        assert "task %d is set to fail" % task.pk in task.last_error
+        assert task.available_at > timezone.now() - timedelta(seconds=1)
+        assert task.claim_token is None
+        # Back-off: not claimable again before available_at.
+        assert run_handler(TaskHandler).items == []
+        Task.objects.filter(pk=task.pk).update(available_at=timezone.now())
+    run_handler(TaskHandler)
+    task.refresh_from_db()
+    assert (task.status, task.attempts) == ("failed", 3)
+    assert ProcessLog.objects.filter(task_id=task.pk).count() == 3
+
+
+@pytest.mark.django_db
+def test_back_off_doubles_with_each_attempt():
+    class Slow(TaskHandler):
+        retry_backoff = 100
+
+    task = Task.objects.create(action="fail")
+    delays = []
+    for _ in range(2):
+        before = timezone.now()
+        run_handler(Slow)
+        task.refresh_from_db()
+        delays.append((task.available_at - before).total_seconds())
+        Task.objects.filter(pk=task.pk).update(available_at=timezone.now())
+    assert 99 <= delays[0] <= 102 and 199 <= delays[1] <= 202
+
+
+@pytest.mark.django_db
+def test_successes_are_marked_and_the_backlog_counts_queued_rows():
+    Task.objects.bulk_create([Task() for _ in range(5)])
+    handler = TaskHandler()
+    assert handler.backlog() == 5
+    assert handler.oldest_waiting() == Task.objects.order_by("created").first().created
+
+    result = run_handler(TaskHandler, max_items=3)
+
+    assert result.succeeded == 3
+    assert Task.objects.filter(status="succeeded").count() == 3
+    assert TaskHandler().backlog() == 2
+
+
+@pytest.mark.django_db
+def test_outcomes_are_fenced_by_the_claim_token():
+    Task.objects.create()
+    (task,) = Task.objects.claim(1, worker_id=None)
+    # Another worker took the row back meanwhile (a new claim token).
+    Task.objects.filter(pk=task.pk).update(claim_token="00000000-0000-0000-0000-000000000001")
+
+    handler = TaskHandler()
+    handler.process(task, workitems.CancellationToken())
+    handler.close()
+    with pytest.raises(ValueError):
+        task.action = "fail"
+        handler.process(task, workitems.CancellationToken())
+
+    task.refresh_from_db()
+    assert task.status == "processing" and str(task.claim_token).endswith("1")
+    assert task.last_error == ""
+
+
+@pytest.mark.django_db
+def test_rows_of_a_dead_worker_are_taken_back_one_at_a_time_and_count_as_an_attempt():
+    dead = WorkerFactory(last_heartbeat_at=timezone.now() - timedelta(minutes=5))
+    alive = WorkerFactory()
+    Task.objects.bulk_create([Task() for _ in range(3)])
+    orphans = Task.objects.claim(3, worker_id=dead.pk)
+    slow = Task.objects.create()
+    Task.objects.filter(pk=slow.pk).update(
+        status="processing", claimed_by=alive, claimed_at=timezone.now() - timedelta(hours=1)
+    )
+
+    token = current_worker_id.set(alive.pk)
+    try:
+        handler = TaskHandler()
+        batch = handler.fetch_next(10, workitems.CancellationToken())
+        again = handler.fetch_next(10, workitems.CancellationToken())  # holds a suspect: none more
+    finally:
+        current_worker_id.reset(token)
+
+    assert len(batch) == 1 and again == []
+    suspect = batch[0]
+    assert suspect.pk in {t.pk for t in orphans} and handler.isolate(suspect)
+    assert (suspect.attempts, suspect.claimed_by_id) == (2, alive.pk)
+    # The slow item of a live worker is never taken from it.
+    assert Task.objects.get(pk=slow.pk).claimed_by_id == alive.pk
+    handler.process(suspect, workitems.CancellationToken())
+    handler.close()
+    assert Task.objects.get(pk=suspect.pk).status == "succeeded"
+    assert len(handler.fetch_next(10, workitems.CancellationToken())) == 1  # the next one
+
+
+@pytest.mark.django_db
+def test_a_row_whose_worker_died_max_attempts_times_ends_failed():
+    dead = WorkerFactory(stopped_at=timezone.now())
+    task = Task.objects.create(
+        status="processing", attempts=3, claimed_by=dead, claimed_at=timezone.now()
+    )
+
+    assert run_handler(TaskHandler).items == []
+
+    task.refresh_from_db()
+    assert task.status == "failed" and "died" in task.last_error
+
+
+@pytest.mark.django_db
+def test_release_puts_rows_back_without_counting_an_attempt():
+    Task.objects.bulk_create([Task() for _ in range(3)])
+    handler = TaskHandler()
+    rows = handler.fetch_next(3, workitems.CancellationToken())
+    handler.release(rows[1:])
+    statuses = dict(Task.objects.values_list("pk", "status"))
+    assert [statuses[r.pk] for r in rows] == ["processing", "queued", "queued"]
+    assert list(
+        Task.objects.filter(status="queued").values_list("attempts", "claim_token").distinct()
+    ) == [(0, None)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_run_once_drives_a_queryset_handler(registry):
+    Task.objects.bulk_create([Task(action="fail" if i % 10 == 0 else "ok") for i in range(40)])
+    registry.add_handler(TaskHandler, name="tasks", max_items_per_cycle=40)
+    assert registry.get("tasks").exclusive is False
+
+    result = run_once(registry=registry)
+
+    assert (result["tasks"].succeeded, result["tasks"].failed) == (36, 4)
+    assert Task.objects.filter(status="succeeded").count() == 36
+    assert Task.objects.filter(status="queued", attempts=1).count() == 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_suspect_runs_with_nothing_else_in_process(registry, recorder):
+    lock = threading.Lock()
+    state = {"busy": 0, "overlap": False, "suspect_done": False}
+
+    class Watched(workitems.WorkItemHandler[int]):
+        def fetch_next(self, max_items, cancel):
+            return list(range(12))
+
+        def isolate(self, item):
+            return item == 5
+
+        def process(self, item, cancel):
+            with lock:
+                state["busy"] += 1
+                if item == 5 and state["busy"] > 1:
+                    state["overlap"] = True
+            try:
+                cancel.wait(0.01)
+                if item == 5:
+                    with lock:
+                        state["overlap"] |= state["busy"] > 1
+                        state["suspect_done"] = True
+            finally:
+                with lock:
+                    state["busy"] -= 1
+
+    registry.add_handler(Watched, name="watched", max_items_per_cycle=12)
+    result = run_once(registry=registry)
+    assert result["watched"].succeeded == 12 and state["suspect_done"]
+    assert not state["overlap"], "another item was in process beside the suspect"
