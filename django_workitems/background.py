@@ -297,6 +297,7 @@ class BackgroundProcessingService:
                     fetched=activation.result.fetched,
                     failed=activation.result.fetch_failed or bool(activation.result.skipped),
                     now=now,
+                    isolated=activation.result.isolated,
                 )
             else:
                 scheduler.activation_finished(activation.name)

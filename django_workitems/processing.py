@@ -89,6 +89,7 @@ class ActivationResult:
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0
+    isolated: int = 0
     error: str = ""
     skipped: str = ""
     failures: list[ItemFailureInfo] = field(default_factory=list)
@@ -457,6 +458,7 @@ class WorkItemProcessingService:
             )
         try:
             solo = [bool(activation.handler.isolate(item)) for item in items]
+            activation.result.isolated = sum(solo)
             activation.run_id = recording.create_run(
                 activation.handler_id,
                 worker_id=self.worker_id,

@@ -53,6 +53,7 @@ class _HandlerSchedule:
     active: int = 0
     requested: bool = False
     seen_request: datetime | None = None
+    hold: bool = False  # an isolated item is pending: wait for the activations to finish
 
 
 class Scheduler:
@@ -63,6 +64,9 @@ class Scheduler:
     - An exclusive handler is not fetched while an activation of it is unfinished here.
     - A non-exclusive handler is fetched again, in drain mode, as soon as the channel has room
       for half a batch of it, so the pool never idles between batches.
+    - A fetch that returned an item to be processed alone (a suspect taken back from a dead
+      worker) holds the handler until its activations finish, then it is due again at once:
+      suspects are retried one after another, without waiting for the poll interval.
     - The channel is shared fairly: each handler with items queued or due gets an equal share.
     """
 
@@ -115,7 +119,7 @@ class Scheduler:
             reg = state.registration
             if state.fetching or not enabled(reg.name):
                 continue
-            if reg.exclusive and state.active:
+            if (reg.exclusive or state.hold) and state.active:
                 continue
             if state.requested or state.drain or now >= state.next_due:
                 candidates.append(state)
@@ -152,17 +156,20 @@ class Scheduler:
         state.requested = False
 
     def fetch_finished(
-        self, name: str, *, asked: int, fetched: int, failed: bool, now: float
+        self, name: str, *, asked: int, fetched: int, failed: bool, now: float, isolated: int = 0
     ) -> None:
         state = self._states[name]
         state.fetching = False
-        state.drain = not failed and asked > 0 and fetched >= asked
+        state.hold = isolated > 0 and state.active > 0
+        state.drain = not failed and ((asked > 0 and fetched >= asked) or isolated > 0)
         start = now if failed else state.fetch_started
         state.next_due = start + state.poll_interval.total_seconds()
 
     def activation_finished(self, name: str) -> None:
         state = self._states[name]
         state.active = max(0, state.active - 1)
+        if not state.active:
+            state.hold = False
 
     def seconds_until_due(self, now: float) -> float | None:
         """Time until the next timer-due handler (None when none is waiting on a timer).
@@ -174,7 +181,9 @@ class Scheduler:
         waits = [
             s.next_due - now
             for s in self._states.values()
-            if not s.fetching and not (s.registration.exclusive and s.active) and s.next_due > now
+            if not s.fetching
+            and not ((s.registration.exclusive or s.hold) and s.active)
+            and s.next_due > now
         ]
         return min(waits) if waits else None
 

@@ -480,3 +480,16 @@ def test_activation_finished_does_not_go_below_zero():
     assert not sched.busy()
     run_fetch(sched, "a", start=T0, fetched=1, finish=False)
     assert plan(sched, T0 + INTERVAL) == {}  # still one activation active
+
+
+def test_a_fetch_with_an_isolated_item_holds_the_handler_then_drains_at_once():
+    # A non-exclusive handler would normally be fetched again while its items are in process;
+    # with a suspect pending it waits for the activation, then goes on without the interval.
+    sched = scheduler(registration("claims", exclusive=False))
+    assert list(plan(sched, 0.0)) == ["claims"]
+    sched.fetch_started("claims", 0.0)
+    sched.fetch_finished("claims", asked=10, fetched=1, failed=False, now=0.1, isolated=1)
+
+    assert plan(sched, 0.2) == {}
+    sched.activation_finished("claims")
+    assert list(plan(sched, 0.3)) == ["claims"]
