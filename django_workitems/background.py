@@ -25,7 +25,7 @@ from typing import Any
 
 from django.db import DatabaseError, connections
 
-from . import recording
+from . import recording, wakeups
 from .conf import app_settings
 from .handlers import CancellationToken, Purpose
 from .models import Worker
@@ -93,15 +93,21 @@ class BackgroundProcessingService:
         workers: int | None = None,
         poll_interval: timedelta | None = None,
         install_signal_handlers: bool = False,
+        max_cycles: int | None = None,
+        max_memory_mb: float | None = None,
     ) -> None:
         self.registry = registry if registry is not None else default_registry
         self.registrations: list[Registration] = self.registry.select(handlers, purpose)
         self.workers = workers if workers is not None else app_settings.workers
         self.poll_interval = poll_interval
         self.install_signal_handlers = install_signal_handlers
+        self.max_cycles = max_cycles
+        self.max_memory_mb = max_memory_mb
         self.worker: Worker | None = None
         self._waker = Waker()
-        self._events: queue.SimpleQueue[tuple[str, Activation]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._cycles = 0
+        self._recycling = False
         self._stop_requested = False
         self._sigints = 0
         self._force_exit = False
@@ -167,8 +173,13 @@ class BackgroundProcessingService:
             on_beat=beat,
         )
         self._service = service
+        listener = None
+        if wakeups.Listener.supported():
+            listener = wakeups.Listener(lambda name: self._post("request", name))
         restore = self._install_signals()
         try:
+            if listener is not None:
+                listener.start()
             recording.abandon_runs_of_dead_workers(lease_timeout)
             service.start()
             self._started.set()
@@ -182,6 +193,8 @@ class BackgroundProcessingService:
             yield service
         finally:
             logger.info("Worker %s stopping", self.worker)
+            if listener is not None:
+                listener.stop()
             service.stop(shutdown_timeout, abort=self._check_force_exit)
             try:
                 recording.stop_worker(worker_id)
@@ -190,8 +203,8 @@ class BackgroundProcessingService:
             restore()
             logger.info("Worker %s stopped", self.worker)
 
-    def _post(self, kind: str, activation: Activation) -> None:
-        self._events.put((kind, activation))
+    def _post(self, kind: str, subject: Any) -> None:
+        self._events.put((kind, subject))
         self._waker.wake()
 
     def _install_signals(self) -> Any:
@@ -224,8 +237,18 @@ class BackgroundProcessingService:
                     if now >= next_refresh:
                         states = self._refresh(scheduler, states)
                         next_refresh = now + REFRESH_INTERVAL
+                        self._check_memory()
                     self._apply_events(scheduler, now)
-                    self._start_due(service, scheduler, states, now)
+                    if self._recycling:
+                        if not scheduler.busy():
+                            logger.info(
+                                "Worker %s: recycling after %d cycles", self.worker, self._cycles
+                            )
+                            break
+                    elif self._start_due(service, scheduler, states, now):
+                        self._cycles += 1
+                        if self.max_cycles is not None and self._cycles >= self.max_cycles:
+                            self._recycling = True  # let this cycle finish, then stop
                     until_due = scheduler.seconds_until_due(now)
                     timeout = next_refresh - now
                     if until_due is not None:
@@ -287,9 +310,13 @@ class BackgroundProcessingService:
     def _apply_events(self, scheduler: Scheduler, now: float) -> None:
         while True:
             try:
-                kind, activation = self._events.get_nowait()
+                kind, subject = self._events.get_nowait()
             except queue.Empty:
                 return
+            if kind == "request":
+                scheduler.request(subject)
+                continue
+            activation: Activation = subject
             if kind == "fetched":
                 scheduler.fetch_finished(
                     activation.name,
@@ -308,8 +335,10 @@ class BackgroundProcessingService:
         scheduler: Scheduler,
         states: dict[str, recording.HandlerState],
         now: float,
-    ) -> None:
+    ) -> bool:
+        """Start the fetches the scheduler asks for; True when at least one started."""
         channel = service.channel
+        started = False
         plan = scheduler.plan(
             now,
             enabled=lambda name: name in states and states[name].is_enabled,
@@ -323,6 +352,21 @@ class BackgroundProcessingService:
             )
             if activation is not None:
                 scheduler.fetch_started(reg.name, now)
+                started = True
+        return started
+
+    def _check_memory(self) -> None:
+        if self.max_memory_mb is None:
+            return
+        rss = resident_memory_mb()
+        if rss > self.max_memory_mb:
+            logger.warning(
+                "Worker %s: resident memory %.0f MB is over --max-memory %.0f MB; stopping",
+                self.worker,
+                rss,
+                self.max_memory_mb,
+            )
+            self._stop_requested = True
 
 
 def run_once(
@@ -345,3 +389,16 @@ def notify(name: str, *, registry: HandlerRegistry | None = None) -> None:
     if not recording.request_run(name):
         recording.sync_handlers(registry)
         recording.request_run(name)
+    wakeups.send(name)
+
+
+def resident_memory_mb() -> float:
+    """Resident memory of this process in MB (Linux ``/proc``; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

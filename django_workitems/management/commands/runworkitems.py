@@ -66,6 +66,18 @@ class Command(BaseCommand):
             help="Poll interval for handlers without their own.",
         )
         parser.add_argument("--list", action="store_true", help="List the handlers and exit.")
+        parser.add_argument(
+            "--max-cycles",
+            type=_positive,
+            metavar="N",
+            help="Stop cleanly (exit 0) after N cycles, for a supervisor to restart the worker.",
+        )
+        parser.add_argument(
+            "--max-memory",
+            type=_positive,
+            metavar="MB",
+            help="Stop cleanly (exit 0) once resident memory passes MB megabytes.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         self._check_configuration()
@@ -82,6 +94,8 @@ class Command(BaseCommand):
                 workers=options["workers"],
                 poll_interval=options["poll_interval"],
                 install_signal_handlers=True,
+                max_cycles=options["max_cycles"],
+                max_memory_mb=options["max_memory"],
             )
         except (UnknownHandlerError, ImproperlyConfigured) as exc:
             raise CommandError(str(exc), returncode=EXIT_USAGE) from exc

@@ -1,0 +1,83 @@
+"""Instant wake-ups on PostgreSQL: ``NOTIFY`` from ``notify()``, ``LISTEN`` in every worker.
+
+Elsewhere workers see ``Handler.run_requested_at`` within a second, so this is an
+accelerator, never the only path: a lost notification costs at most that second.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from django.db import DEFAULT_DB_ALIAS, connections
+
+logger = logging.getLogger("django_workitems.wakeups")
+
+CHANNEL = "django_workitems"
+
+
+def send(name: str, using: str = DEFAULT_DB_ALIAS) -> None:
+    """Tell listening workers to activate handler ``name`` (PostgreSQL; a no-op elsewhere).
+
+    Inside a transaction the notification is delivered at commit, with the row it announces.
+    """
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, name])
+
+
+class Listener:
+    """A thread holding a dedicated connection that ``LISTEN``s and calls ``on_wake(name)``.
+
+    It reconnects after errors (a restarted server, a terminated backend) until stopped.
+    """
+
+    def __init__(self, on_wake: Callable[[str], None], using: str = DEFAULT_DB_ALIAS) -> None:
+        self._on_wake = on_wake
+        self._using = using
+        self._stop = threading.Event()
+        self.listening = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="workitems-listener", daemon=True)
+
+    @staticmethod
+    def supported(using: str = DEFAULT_DB_ALIAS) -> bool:
+        return bool(connections[using].vendor == "postgresql")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            # A wrapper of our own: the LISTEN session must not be shared or recycled.
+            wrapper = connections.create_connection(self._using)
+            try:
+                wrapper.connect()
+                raw = wrapper.connection
+                raw.execute(f"LISTEN {CHANNEL}")
+                self.listening.set()
+                delay = 0.5
+                while not self._stop.is_set():
+                    for notification in raw.notifies(timeout=0.5):
+                        self._on_wake(notification.payload)
+            except Exception:
+                self.listening.clear()
+                if self._stop.is_set():
+                    break
+                logger.warning(
+                    "LISTEN connection lost; reconnecting in %.1fs", delay, exc_info=True
+                )
+                self._stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+            finally:
+                try:
+                    wrapper.close()
+                except Exception:  # the connection is already broken
+                    logger.debug("closing the LISTEN connection failed", exc_info=True)
