@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, run
 
 from asgiref.sync import async_to_sync
 from django.core.exceptions import ImproperlyConfigured
-from django.db import models
+from django.db import DatabaseError, models
+from django.db.models import Q
 from django.db.models.query import QuerySet
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -197,6 +198,8 @@ class QuerySetHandler(WorkItemHandler[M]):
 
     _suspects_lock = threading.Lock()
     _suspects: ClassVar[set[str]] = set()  # models for which this process holds a suspect
+    _unsettled: ClassVar[list[tuple[type[Any], Q, dict[str, Any], str]]] = []
+    """Outcome writes that failed (the database went away); retried before the next claim."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -229,6 +232,7 @@ class QuerySetHandler(WorkItemHandler[M]):
         from .conf import app_settings
 
         qs = self.get_queryset()
+        self._settle(qs.model)
         worker_id = current_worker_id.get()
         lease_timeout = app_settings.lease_timeout
         failed = qs.fail_exhausted_abandoned(lease_timeout, self.max_attempts)
@@ -311,14 +315,16 @@ class QuerySetHandler(WorkItemHandler[M]):
             return
         pks = [pk for pk, _ in batch]
         tokens = {token for _, token in batch}
-        written = (
-            self.get_queryset()
-            .model._base_manager.filter(
-                pk__in=pks, claim_token__in=tokens, status=WorkItemModel.STATUS.processing
-            )
-            .update(status=WorkItemModel.STATUS.succeeded, last_error="", modified=timezone.now())
+        written = self._write(
+            Q(pk__in=pks, claim_token__in=tokens, status=WorkItemModel.STATUS.processing),
+            {
+                "status": WorkItemModel.STATUS.succeeded,
+                "last_error": "",
+                "modified": timezone.now(),
+            },
+            f"{len(batch)} successes",
         )
-        if written < len(batch):
+        if written is not None and written < len(batch):
             _logger.warning(
                 "%d of %d succeeded rows had been claimed by another worker meanwhile; "
                 "their outcome was left to it",
@@ -341,17 +347,48 @@ class QuerySetHandler(WorkItemHandler[M]):
                 "claimed_at": None,
                 "claim_token": None,
             }
-        written = (
-            self.get_queryset()
-            .model._base_manager.filter(item.outcome_filter())
-            .update(last_error=error[-10_000:], modified=now, **changes)
+        written = self._write(
+            item.outcome_filter(),
+            {"last_error": error[-10_000:], "modified": now, **changes},
+            f"the failure of {item.pk}",
         )
-        if not written:
+        if written == 0:
             _logger.warning("%s: claim lost before its failure could be written", item.pk)
+
+    def _write(self, fence: Q, changes: dict[str, Any], what: str) -> int | None:
+        """Write an outcome where ``fence`` holds; None when the database failed (kept for later).
+
+        A row whose outcome cannot be written stays ``processing`` under a live claim, where no
+        other worker would take it: so the write is kept and retried before the next claim.
+        """
+        model = self.get_queryset().model
+        try:
+            return int(model._base_manager.filter(fence).update(**changes))
+        except DatabaseError:
+            _logger.warning(
+                "%s: could not write %s; will retry", model._meta.label, what, exc_info=True
+            )
+            with self._suspects_lock:
+                self._unsettled.append((model, fence, changes, what))
+            return None
+
+    def _settle(self, model: type[Any]) -> None:
+        """Retry the outcome writes that failed earlier for ``model``; raise if they still fail."""
+        with self._suspects_lock:
+            pending = [entry for entry in self._unsettled if entry[0] is model]
+            self._unsettled[:] = [entry for entry in self._unsettled if entry[0] is not model]
+        for index, (_model, fence, changes, what) in enumerate(pending):
+            try:
+                model._base_manager.filter(fence).update(**changes)
+            except DatabaseError:
+                with self._suspects_lock:
+                    self._unsettled.extend(pending[index:])
+                raise
+            _logger.info("%s: wrote %s after the database came back", model._meta.label, what)
 
     def release(self, items: Sequence[M]) -> None:
         """Un-claim rows never started: back to ``queued``, and the attempt is not counted."""
-        from django.db.models import F, Q
+        from django.db.models import F
 
         from .models import WorkItemModel
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import connections
+from django.db import DatabaseError, connections
 from django.utils import timezone
 
 from . import recording
@@ -607,22 +607,19 @@ class WorkItemProcessingService:
                     result.status = RunStatus.SUCCEEDED
             if activation.run_id is not None:
                 succeeded, failed, failures = batch
-                try:
-                    recording.record_progress(
-                        activation.run_id,
+                run_id = activation.run_id
+                _retrying(
+                    lambda: recording.record_progress(
+                        run_id,
                         succeeded=succeeded,
                         failed=failed,
                         failures=failures,
                         status=result.status,
                         error=result.error,
-                    )
-                except Exception:
-                    logger.exception(
-                        "Handler %s: could not record the end of run %s",
-                        activation.name,
-                        activation.run_id,
-                        extra=activation.log_extra(),
-                    )
+                    ),
+                    f"record the end of run {run_id}",
+                    activation,
+                )
                 result.run_id = activation.run_id
                 logger.info(
                     "Handler %s run %s %s: %d fetched, %d succeeded, %d failed%s in %.2fs",
@@ -688,6 +685,33 @@ class WorkItemProcessingService:
                     release_connections(idle=True)
         finally:
             connections.close_all()
+
+
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
+"""Pauses between attempts at writing a run's end while the database is unreachable."""
+
+
+def _retrying(write: Callable[[], object], what: str, activation: Activation) -> None:
+    """Write, retrying on database errors: a run left ``running`` would look alive forever."""
+    for delay in (*RETRY_DELAYS, None):
+        try:
+            write()
+            return
+        except DatabaseError:
+            if delay is None:
+                logger.exception(
+                    "Handler %s: could not %s", activation.name, what, extra=activation.log_extra()
+                )
+                return
+            logger.warning(
+                "Handler %s: could not %s; retrying in %.1fs",
+                activation.name,
+                what,
+                delay,
+                extra=activation.log_extra(),
+            )
+            connections.close_all()  # this thread's connection may be the broken one
+            time.sleep(delay)
 
 
 def _format_exception(exc: BaseException) -> str:

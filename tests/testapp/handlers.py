@@ -59,6 +59,11 @@ class TaskHandler(workitems.QuerySetHandler[Task]):
             os.kill(os.getpid(), signal.SIGKILL)
         if obj.action == "fail":
             raise ValueError(f"task {obj.pk} is set to fail")
+        if obj.action == "fail-first":  # slow and failing the first time, fine after that
+            if ProcessLog.objects.filter(task_id=obj.pk).count() == 1:
+                time.sleep(obj.seconds)
+                raise ValueError(f"task {obj.pk} failed on its first run")
+            return
         if obj.seconds and cancel.wait(obj.seconds):
             raise workitems.Cancelled()
 
