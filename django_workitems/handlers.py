@@ -397,13 +397,17 @@ class QuerySetHandler(WorkItemHandler[M]):
         fence = Q()
         for item in items:
             fence |= item.outcome_filter()
-        self.get_queryset().model._base_manager.filter(fence).update(
-            status=WorkItemModel.STATUS.queued,
-            claimed_by=None,
-            claimed_at=None,
-            claim_token=None,
-            attempts=F("attempts") - 1,
-            modified=timezone.now(),
+        self._write(
+            fence,
+            {
+                "status": WorkItemModel.STATUS.queued,
+                "claimed_by": None,
+                "claimed_at": None,
+                "claim_token": None,
+                "attempts": F("attempts") - 1,
+                "modified": timezone.now(),
+            },
+            f"the release of {len(items)} rows",
         )
         if any(self.isolate(item) for item in items):
             self._forget_suspect(self._model_key(self.get_queryset()))

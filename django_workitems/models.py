@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from typing import TypeVar
 
 from django.db import models, transaction
-from django.db.models import F, Q
+from django.db.models import F, OuterRef, Q, Subquery
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from model_utils import Choices
@@ -66,6 +66,18 @@ class HandlerQuerySet(models.QuerySet["Handler"]):
     def enabled(self) -> HandlerQuerySet:
         return self.filter(is_enabled=True)
 
+    def with_last_run(self) -> HandlerQuerySet:
+        """Annotate ``last_run_at`` and ``last_run_status`` (the newest run), and
+        ``last_success_at`` (when the newest ``succeeded`` run finished), in this one query."""
+        runs = HandlerRun.objects.filter(handler=OuterRef("pk")).order_by("-started_at", "-id")
+        return self.annotate(
+            last_run_at=Subquery(runs.values("started_at")[:1]),
+            last_run_status=Subquery(runs.values("status")[:1]),
+            last_success_at=Subquery(
+                runs.filter(status=RunStatus.SUCCEEDED).values("finished_at")[:1]
+            ),
+        )
+
 
 class Handler(TimeStampedModel):
     """A registered handler, synced from the registry when a worker starts."""
@@ -83,6 +95,12 @@ class Handler(TimeStampedModel):
     run_requested_at = models.DateTimeField(_("run requested at"), null=True, blank=True)
     lease_owner = models.CharField(_("lease owner"), max_length=100, blank=True, default="")
     lease_expires_at = models.DateTimeField(_("lease expires at"), null=True, blank=True)
+    # All-time figures, added to as runs progress and finish, so they survive run pruning.
+    total_runs = models.PositiveBigIntegerField(
+        _("total runs"), default=0, help_text=_("Runs finished by a worker, all time.")
+    )
+    total_items_succeeded = models.PositiveBigIntegerField(_("total items succeeded"), default=0)
+    total_items_failed = models.PositiveBigIntegerField(_("total items failed"), default=0)
 
     objects = HandlerQuerySet.as_manager()
 
@@ -110,6 +128,10 @@ class HandlerRunQuerySet(models.QuerySet["HandlerRun"]):
 
     def finished(self) -> HandlerRunQuerySet:
         return self.exclude(status=RunStatus.RUNNING)
+
+    def expired(self, retention: timedelta, now: datetime | None = None) -> HandlerRunQuerySet:
+        """Finished runs that started more than ``retention`` ago: what pruning deletes."""
+        return self.finished().filter(started_at__lt=(now or timezone.now()) - retention)
 
 
 class HandlerRun(models.Model):
@@ -262,9 +284,11 @@ class WorkItemQuerySet(models.QuerySet[_W]):
                 attempts=F("attempts") + 1,
                 modified=now,
             )
-        return list(
-            self.model._base_manager.using(self.db).filter(claim_token=token).order_by("pk")
-        )
+            # Read inside the transaction: if the connection drops before the commit, the claim
+            # is rolled back instead of leaving rows claimed that nobody knows of.
+            return list(
+                self.model._base_manager.using(self.db).filter(claim_token=token).order_by("pk")
+            )
 
     def fail_exhausted_abandoned(self, lease_timeout: timedelta, max_attempts: int) -> int:
         """Mark ``failed`` the abandoned rows that already used every attempt."""

@@ -63,6 +63,7 @@ class Listener:
                 raw = wrapper.connection
                 raw.execute(f"LISTEN {CHANNEL}")
                 self.listening.set()
+                logger.info("Listening for wake-ups on channel %s", CHANNEL)
                 delay = 0.5
                 while not self._stop.is_set():
                     for notification in raw.notifies(timeout=0.5):
