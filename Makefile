@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/test
 PYTEST_ARGS ?=
 
-.PHONY: install test test-sqlite test-postgres lint demo serve clean
+.PHONY: install test test-sqlite test-postgres lint coverage demo serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,15 +15,32 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The whole gate: lint, the suite on SQLite and on PostgreSQL (coverage combined), the example.
 test: install
+	rm -f .coverage .coverage.*
+	$(MAKE) lint
 	$(MAKE) test-sqlite
 	$(MAKE) test-postgres
+	$(MAKE) coverage
+
+# Warnings are errors (pyproject) and PYTHONDEVMODE reports leaked sockets, files and threads.
+RUN_TESTS := PYTHONDEVMODE=1 $(BIN)/python -m coverage run -m pytest $(PYTEST_ARGS)
 
 test-sqlite: install
-	DATABASE_URL= $(BIN)/python -m pytest $(PYTEST_ARGS)
+	env -u DATABASE_URL $(RUN_TESTS)
 
 test-postgres: install
-	DATABASE_URL=$(POSTGRES_URL) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	DATABASE_URL=$(POSTGRES_URL) $(RUN_TESTS)
+
+coverage: install
+	$(BIN)/python -m coverage combine --quiet
+	$(BIN)/python -m coverage report --fail-under=90
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	PYTHONPATH=. $(BIN)/mypy django_workitems tests
+	PYTHONPATH=. DJANGO_SETTINGS_MODULE=tests.settings $(BIN)/python -m django makemigrations --check --dry-run
 
 demo: install
 	$(MAKE) -C example_project demo PYTHON=$(abspath $(BIN))/python

@@ -9,7 +9,7 @@ from django_workitems.handlers import Purpose
 from django_workitems.models import Handler, HandlerRun, ItemFailure, RunStatus, Worker
 
 
-class WorkerFactory(factory.django.DjangoModelFactory):
+class WorkerFactory(factory.django.DjangoModelFactory[Worker]):
     class Meta:
         model = Worker
 
@@ -17,7 +17,7 @@ class WorkerFactory(factory.django.DjangoModelFactory):
     pid = factory.Sequence(lambda n: 1000 + n)
 
 
-class HandlerFactory(factory.django.DjangoModelFactory):
+class HandlerFactory(factory.django.DjangoModelFactory[Handler]):
     class Meta:
         model = Handler
         django_get_or_create = ("name",)
@@ -28,7 +28,7 @@ class HandlerFactory(factory.django.DjangoModelFactory):
     handler_class = "tests.handlers.Example"
 
 
-class HandlerRunFactory(factory.django.DjangoModelFactory):
+class HandlerRunFactory(factory.django.DjangoModelFactory[HandlerRun]):
     class Meta:
         model = HandlerRun
 
@@ -43,7 +43,7 @@ class HandlerRunFactory(factory.django.DjangoModelFactory):
     items_failed = 0
 
 
-class ItemFailureFactory(factory.django.DjangoModelFactory):
+class ItemFailureFactory(factory.django.DjangoModelFactory[ItemFailure]):
     class Meta:
         model = ItemFailure
 

@@ -22,6 +22,8 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "graphene_django",
     "django_workitems",
     "tests.testapp",
 ]
@@ -30,8 +32,9 @@ DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BUILD_DIR / 
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not memory, so worker subprocesses see the test database; WAL and IMMEDIATE
     # transactions let the pool threads write without "database is locked".
+    # One file per test run, so that two runs at once (two developers, CI) never share it.
     DATABASES["default"]["TEST"] = {
-        "NAME": env("SQLITE_TEST_NAME", default=str(BUILD_DIR / "test_db.sqlite3"))
+        "NAME": env("SQLITE_TEST_NAME", default=str(BUILD_DIR / f"test_db_{os.getpid()}.sqlite3"))
     }
     DATABASES["default"]["OPTIONS"] = {
         "timeout": 30,
@@ -60,6 +63,8 @@ TEMPLATES = [
     }
 ]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+STATIC_URL = "/static/"
+GRAPHENE = {"SCHEMA": "django_workitems.schema.schema"}
 
 WORKITEMS = {
     "POLL_INTERVAL": env("WORKITEMS_POLL_INTERVAL", default="00:00:01"),
