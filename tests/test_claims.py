@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -13,7 +14,9 @@ from django.utils import timezone
 import django_workitems as workitems
 from django_workitems.background import run_once
 from django_workitems.handlers import current_worker_id
+from django_workitems.models import Handler
 from django_workitems.testing import run_handler
+from tests.conftest import wait_for
 from tests.factories import WorkerFactory
 from tests.testapp.handlers import TaskHandler
 from tests.testapp.models import ProcessLog, Task
@@ -85,7 +88,7 @@ def test_failures_are_retried_with_back_off_then_failed_after_max_attempts():
         assert result.failed == 1
         task.refresh_from_db()
         assert (task.status, task.attempts) == ("queued", attempt)
-        assert "task %d is set to fail" % task.pk in task.last_error
+        assert f"task {task.pk} is set to fail" in task.last_error
         assert task.available_at > timezone.now() - timedelta(seconds=1)
         assert task.claim_token is None
         # Back-off: not claimable again before available_at.
@@ -132,7 +135,7 @@ def test_outcomes_are_fenced_by_the_claim_token():
     Task.objects.create()
     (task,) = Task.objects.claim(1, worker_id=None)
     # Another worker took the row back meanwhile (a new claim token).
-    Task.objects.filter(pk=task.pk).update(claim_token="00000000-0000-0000-0000-000000000001")
+    Task.objects.filter(pk=task.pk).update(claim_token=uuid.UUID(int=1))
 
     handler = TaskHandler()
     handler.process(task, workitems.CancellationToken())
@@ -247,3 +250,21 @@ def test_a_suspect_runs_with_nothing_else_in_process(registry, recorder):
     result = run_once(registry=registry)
     assert result["watched"].succeeded == 12 and state["suspect_done"]
     assert not state["overlap"], "another item was in process beside the suspect"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_model_with_notify_handler_wakes_its_handler_when_a_row_is_queued(
+    registry, run_in_background, monkeypatch
+):
+    first = Task.objects.create()  # before the patch: processed by the worker's first fetch
+    monkeypatch.setattr(Task, "notify_handler", "tasks")
+    registry.add_handler(TaskHandler, name="tasks", poll_interval="01:00:00")
+    run_in_background(registry=registry)
+    wait_for(lambda: Task.objects.get(pk=first.pk).status == "succeeded", message="the first fetch")
+
+    task = Task.objects.create()  # only a wake-up can get it processed within the hour
+
+    wait_for(
+        lambda: Task.objects.get(pk=task.pk).status == "succeeded", timeout=10, message="a wake-up"
+    )
+    assert Handler.objects.get(name="tasks").run_requested_at is not None
