@@ -280,9 +280,8 @@ class QuerySetHandler(WorkItemHandler[M]):
         try:
             call_handler(self.handle, item, cancel)
         except Cancelled:
-            if cancel.cancelled:
-                self.release([item])
-            else:
+            # On shutdown the worker releases the row (un-claims it); otherwise it is a failure.
+            if not cancel.cancelled:
                 self._failed(item, "Cancelled by the handler")
             raise
         except Exception as exc:
