@@ -208,3 +208,18 @@ def test_max_cycles_and_max_memory_stop_the_worker_cleanly(start_worker):
     assert memory.wait(60) == 0, memory.output()
     assert "over --max-memory" in memory.output()
     assert Worker.objects.filter(stopped_at__isnull=True).count() == 0
+
+
+def test_sigterm_puts_claimed_rows_back_without_counting_an_attempt(start_worker):
+    Task.objects.bulk_create([Task(seconds=60) for _ in range(10)])
+    worker = start_worker("--handler", "tasks", "--workers", "2")
+    wait_for(lambda: ProcessLog.objects.count() == 2, message="two rows in process")
+    assert Task.objects.filter(status="processing").count() == 10  # two started, eight waiting
+
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.output()
+
+    assert list(Task.objects.values_list("status", "attempts", "claim_token").distinct()) == [
+        ("queued", 0, None)
+    ]
+    assert HandlerRun.objects.get().status == RunStatus.CANCELLED
