@@ -77,6 +77,19 @@ class Waker:
         self._write.close()
 
 
+class _NoWaker(Waker):
+    """Stands in before the service runs: waking it does nothing, and nothing is opened."""
+
+    def __init__(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class BackgroundProcessingService:
     """Drives the selected handlers until :meth:`stop` (or SIGTERM/SIGINT).
 
@@ -104,7 +117,7 @@ class BackgroundProcessingService:
         self.max_cycles = max_cycles
         self.max_memory_mb = max_memory_mb
         self.worker: Worker | None = None
-        self._waker = Waker()
+        self._waker = _NoWaker()  # the real one (a socket pair) exists while running
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._cycles = 0
         self._recycling = False
@@ -151,6 +164,7 @@ class BackgroundProcessingService:
     def _session(self) -> Iterator[WorkItemProcessingService]:
         """Sync handlers, register the worker, run the pool; always shut down cleanly."""
         recording.sync_handlers(self.registry)
+        self._waker = Waker()
         self.worker = recording.register_worker()
         worker_id = self.worker.pk
         lease_timeout = app_settings.lease_timeout
