@@ -117,7 +117,7 @@ class BackgroundProcessingService:
         self.max_cycles = max_cycles
         self.max_memory_mb = max_memory_mb
         self.worker: Worker | None = None
-        self._waker = _NoWaker()  # the real one (a socket pair) exists while running
+        self._waker: Waker = _NoWaker()  # the real one (a socket pair) exists while running
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._cycles = 0
         self._recycling = False
