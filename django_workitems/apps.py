@@ -10,3 +10,6 @@ class WorkItemsConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401 - registers the system checks
+        from .housekeeping import register
+
+        register()  # the built-in run-retention handler

@@ -173,7 +173,7 @@ class HandlerRun(models.Model):
         verbose_name_plural = _("handler runs")
 
     def __str__(self) -> str:
-        return f"{self.handler_id} run {self.pk} ({self.status})"
+        return f"Run #{self.pk} of {self.handler} ({self.status})"
 
     @property
     def duration(self) -> timedelta | None:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, Subquery
 from django.utils import timezone
 
 from .models import Handler, HandlerRun, ItemFailure, RunStatus, Worker, lease_is_free
@@ -129,13 +129,17 @@ def record_progress(
 
     Counts are added whatever the run's status (a progress batch may land after the finish);
     the status is only changed while the run is ``running``, so a run that another worker
-    marked ``abandoned`` stays so.
+    marked ``abandoned`` stays so. The handler's all-time totals get the same counts (and one
+    run when this call finishes it) in one more UPDATE, so they outlive pruned runs.
     """
     counts: dict[str, Any] = {}
+    totals: dict[str, Any] = {}
     if succeeded:
         counts["items_succeeded"] = F("items_succeeded") + succeeded
+        totals["total_items_succeeded"] = F("total_items_succeeded") + succeeded
     if failed:
         counts["items_failed"] = F("items_failed") + failed
+        totals["total_items_failed"] = F("total_items_failed") + failed
     with transaction.atomic():
         if counts:
             HandlerRun.objects.filter(pk=run_id).update(**counts)
@@ -143,7 +147,8 @@ def record_progress(
             ending: dict[str, Any] = {"status": status, "finished_at": timezone.now()}
             if error:
                 ending["error"] = error[:MAX_MESSAGE]
-            HandlerRun.objects.filter(pk=run_id, status=RunStatus.RUNNING).update(**ending)
+            if HandlerRun.objects.filter(pk=run_id, status=RunStatus.RUNNING).update(**ending):
+                totals["total_runs"] = F("total_runs") + 1
         if failures:
             ItemFailure.objects.bulk_create(
                 ItemFailure(
@@ -156,6 +161,12 @@ def record_progress(
                 )
                 for f in failures
             )
+        if totals:
+            # Last, so the lock on the handler row, which every worker of a scaled-out
+            # handler shares, is held only until the commit.
+            Handler.objects.filter(
+                pk=Subquery(HandlerRun.objects.filter(pk=run_id).values("handler_id")[:1])
+            ).update(**totals)
 
 
 # Leases of exclusive handlers -------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -63,6 +64,9 @@ def recorder() -> Recorder:
     return Recorder()
 
 
+_serials = itertools.count(1)
+
+
 class ListHandler(workitems.WorkItemHandler[dict[str, Any]]):
     """Hands out dicts from a shared list, claiming them under a lock (like SKIP LOCKED)."""
 
@@ -76,7 +80,8 @@ class ListHandler(workitems.WorkItemHandler[dict[str, Any]]):
     ) -> None:
         self.source, self.recorder, self.name, self.delay = source, recorder, name, delay
         self.fail = fail or (lambda item: False)
-        recorder.add(f"{name}:instance", id(self))
+        self.serial = next(_serials)  # unlike id(), never reused by a later instance
+        recorder.add(f"{name}:instance", self.serial)
 
     def fetch_next(
         self, max_items: int, cancel: workitems.CancellationToken
@@ -85,6 +90,7 @@ class ListHandler(workitems.WorkItemHandler[dict[str, Any]]):
             batch = self.source[:max_items]
             del self.source[:max_items]
         self.recorder.add(f"{self.name}:fetch", (max_items, len(batch)))
+        self.recorder.add(f"{self.name}:fetched-by", self.serial)
         return batch
 
     def process(self, item: dict[str, Any], cancel: workitems.CancellationToken) -> None:
@@ -96,7 +102,7 @@ class ListHandler(workitems.WorkItemHandler[dict[str, Any]]):
         self.recorder.add(f"{self.name}:done", item["id"])
 
     def close(self) -> None:
-        self.recorder.add(f"{self.name}:close", id(self))
+        self.recorder.add(f"{self.name}:close", self.serial)
 
 
 @pytest.fixture

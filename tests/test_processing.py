@@ -114,9 +114,10 @@ def test_each_activation_gets_a_fresh_handler_instance(
     wait_for(lambda: recorder.count("fresh:done") == 30, message="30 items done")
     wait_for(lambda: recorder.count("fresh:close") >= 3, message="three activations closed")
 
-    instances = recorder.of("fresh:instance")
-    assert len(instances) >= 3
-    assert len(set(recorder.of("fresh:close"))) == len(recorder.of("fresh:close"))
+    fetched_by = recorder.of("fresh:fetched-by")
+    assert len(fetched_by) >= 3
+    assert len(set(fetched_by)) == len(fetched_by), "an instance served two activations"
+    wait_for(lambda: sorted(recorder.of("fresh:close")) == sorted(fetched_by), message="closes")
 
 
 class AsyncHandler(workitems.WorkItemHandler[int]):

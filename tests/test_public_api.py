@@ -47,3 +47,5 @@ def test_get_handlers_lists_the_default_registry_by_purpose():
     ingestion = workitems.get_handlers("ingestion")
     assert "broken-fetch" in ingestion and "slow-jobs" not in ingestion
     assert set(export) | set(ingestion) | set(workitems.get_handlers("internal")) == set(names)
+    # The app registers its own run-retention handler, like any other.
+    assert "django_workitems.prune-runs" in workitems.get_handlers("internal")

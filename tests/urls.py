@@ -1,4 +1,12 @@
 from django.contrib import admin
 from django.urls import path
+from graphene_django.views import GraphQLView
 
-urlpatterns = [path("admin/", admin.site.urls)]
+from django_workitems.health import health_view
+from django_workitems.schema import schema
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("graphql/", GraphQLView.as_view(schema=schema)),
+    path("health/", health_view),
+]

@@ -1,0 +1,623 @@
+"""The operator's view: handlers and their recent runs, the run history, the workers.
+
+Every changelist costs a constant number of queries: the last run and the recent runs of a
+page of handlers come from one annotation and one windowed prefetch, runs select their handler
+and worker. Backlogs run the handlers' own code, so they are read on a handler's page only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
+
+from django.contrib import admin, messages
+from django.db.models import F, Prefetch, Q, QuerySet, Window
+from django.db.models.functions import RowNumber
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString, mark_safe
+from django.utils.text import capfirst, format_lazy
+from django.utils.timesince import timesince
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
+
+from .conf import app_settings
+from .exceptions import UnknownHandlerError
+from .health import handler_backlog
+from .models import Handler, HandlerQuerySet, HandlerRun, ItemFailure, RunStatus, Worker
+
+RECENT_RUNS = 20
+"""How many of a handler's newest runs the success rate and the chart cover."""
+
+MAX_FAILURES_SHOWN = 100
+"""Item failures listed on a run's page; a run can fail thousands of items."""
+
+_RATED = {RunStatus.SUCCEEDED, RunStatus.PARTIAL, RunStatus.FAILED, RunStatus.ABANDONED}
+"""Outcomes that count for the success rate: not running, and not cancelled by a shutdown."""
+
+_NOTHING = mark_safe('<span class="workitems-muted">-</span>')
+
+CSS = {"all": ["django_workitems/admin.css"]}
+
+if TYPE_CHECKING:  # the admin classes are generic for type checkers only
+    HandlerAdminBase = admin.ModelAdmin[Handler]
+    HandlerRunAdminBase = admin.ModelAdmin[HandlerRun]
+    WorkerAdminBase = admin.ModelAdmin[Worker]
+    ItemFailureInlineBase = admin.StackedInline[ItemFailure, HandlerRun]
+else:
+    HandlerAdminBase = HandlerRunAdminBase = WorkerAdminBase = admin.ModelAdmin
+    ItemFailureInlineBase = admin.StackedInline
+
+
+def _change_url(obj: Handler | HandlerRun | Worker) -> str:
+    meta = obj._meta
+    return reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[obj.pk])
+
+
+def status_badge(status: str) -> SafeString:
+    """A run status as a coloured label; the long label is its tooltip."""
+    try:
+        label = str(RunStatus(status).label)
+    except ValueError:
+        label = status
+    return format_html(
+        '<span class="workitems-status workitems-status-{}" title="{}">{}</span>',
+        status,
+        label,
+        status,
+    )
+
+
+def ago(moment: datetime) -> str:
+    """``3 minutes ago``; ``just now`` under a minute."""
+    if timezone.now() - moment < timedelta(minutes=1):
+        return str(_("just now"))
+    return str(_("%(time)s ago") % {"time": timesince(moment)})
+
+
+def format_duration(duration: timedelta | None) -> str:
+    """``0.25 s``, ``12.3 s``, ``4 min 05 s``, ``2 h 03 min``."""
+    if duration is None:
+        return "-"
+    seconds = duration.total_seconds()
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def success_rate(runs: Sequence[HandlerRun]) -> tuple[int, int]:
+    """(succeeded, rated) over ``runs``: partial, failed and abandoned runs count against."""
+    rated = [run for run in runs if run.status in _RATED]
+    return sum(run.status == RunStatus.SUCCEEDED for run in rated), len(rated)
+
+
+def recent_runs_chart(runs: Sequence[HandlerRun], *, bar: int = 5, height: int = 24) -> SafeString:
+    """Inline SVG of ``runs`` (newest first), oldest on the left: items succeeded and failed.
+
+    A run whose fetch failed is a full red bar; every bar has at least a sliver in the colour of
+    its status, so cancelled and abandoned runs show too. Each bar links to its run.
+    """
+    if not runs:
+        return _NOTHING
+    chronological = list(reversed(runs))
+    scale = max(max(r.items_succeeded + r.items_failed for r in chronological), 1)
+    gap = 1
+    bars = []
+    for i, run in enumerate(chronological):
+        x = i * (bar + gap)
+        if run.status == RunStatus.FAILED:
+            ok_h, failed_h = 0, height
+        else:
+            ok_h = round(height * run.items_succeeded / scale)
+            failed_h = round(height * run.items_failed / scale)
+            if run.items_failed and not failed_h:
+                failed_h = 1  # one failure among thousands must not vanish
+                ok_h = min(ok_h, height - 1)
+        marker_h = 2 if ok_h + failed_h < 2 else 0
+        title = (
+            f"Run {run.pk}, {run.status}, {run.started_at:%Y-%m-%d %H:%M:%S}: "
+            f"{run.items_succeeded} succeeded, {run.items_failed} failed"
+        )
+        bars.append(
+            format_html(
+                '<a href="{url}"><title>{title}</title>'
+                '<rect class="workitems-bar-ok" x="{x}" y="{ok_y}" width="{w}" height="{ok_h}"/>'
+                '<rect class="workitems-bar-failed" x="{x}" y="{f_y}" width="{w}" '
+                'height="{f_h}"/>'
+                '<rect class="workitems-bar-{status}" x="{x}" y="{m_y}" width="{w}" '
+                'height="{m_h}"/></a>',
+                url=_change_url(run),
+                title=title,
+                x=x,
+                w=bar,
+                ok_y=height - ok_h,
+                ok_h=ok_h,
+                f_y=height - ok_h - failed_h,
+                f_h=failed_h,
+                status=run.status,
+                m_y=height - marker_h,
+                m_h=marker_h,
+            )
+        )
+    succeeded, rated = success_rate(runs)
+    return format_html(
+        '<svg class="workitems-chart" role="img" width="{}" height="{}" viewBox="0 0 {} {}" '
+        'aria-label="{}">{}</svg>',
+        len(chronological) * (bar + gap) - gap,
+        height,
+        len(chronological) * (bar + gap) - gap,
+        height,
+        f"Last {len(runs)} runs: {succeeded} of {rated} succeeded",
+        format_html_join("", "{}", ((b,) for b in bars)),
+    )
+
+
+# Handlers --------------------------------------------------------------------------------
+
+
+@admin.register(Handler)
+class HandlerAdmin(HandlerAdminBase):
+    """Handlers are synced from the registry: only ``is_enabled`` is edited here."""
+
+    list_display = (
+        "display_name",
+        "purpose",
+        "is_enabled",
+        "max_items",
+        "last_run",
+        "recent_success_rate",
+        "recent_runs",
+    )
+    list_display_links = ("display_name",)
+    list_filter = ("purpose", "is_enabled", "is_registered")
+    search_fields = ("name",)
+    actions = ("enable", "disable", "run_now")
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "name",
+                    "purpose",
+                    "is_enabled",
+                    "is_registered",
+                    "handler_class",
+                    "max_items_per_cycle",
+                )
+            },
+        ),
+        (
+            _("Activity"),
+            {
+                "fields": (
+                    "last_run",
+                    "recent_success_rate",
+                    "recent_runs_large",
+                    "backlog",
+                    "run_history",
+                    "run_requested_at",
+                )
+            },
+        ),
+        (_("All time"), {"fields": ("total_runs", "total_items_succeeded", "total_items_failed")}),
+        (
+            _("Lease and bookkeeping"),
+            {
+                "fields": ("lease_owner", "lease_expires_at", "created", "modified"),
+                "classes": ("collapse",),
+            },
+        ),
+    )
+    readonly_fields = (
+        "name",
+        "purpose",
+        "is_registered",
+        "handler_class",
+        "max_items_per_cycle",
+        "last_run",
+        "recent_success_rate",
+        "recent_runs_large",
+        "backlog",
+        "run_history",
+        "run_requested_at",
+        "total_runs",
+        "total_items_succeeded",
+        "total_items_failed",
+        "lease_owner",
+        "lease_expires_at",
+        "created",
+        "modified",
+    )
+
+    class Media:
+        css = CSS
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Handler]:
+        recent = HandlerRun.objects.only(
+            "id",
+            "handler_id",
+            "status",
+            "started_at",
+            "finished_at",
+            "items_fetched",
+            "items_succeeded",
+            "items_failed",
+        ).order_by("-started_at", "-id")[:RECENT_RUNS]
+        handlers = cast(HandlerQuerySet, super().get_queryset(request))
+        return handlers.with_last_run().prefetch_related(
+            Prefetch("runs", queryset=recent, to_attr="recent_run_list")
+        )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # rows come from the registry when workers start
+
+    def has_delete_permission(self, request: HttpRequest, obj: Handler | None = None) -> bool:
+        # A registered handler would be recreated, without its history, at the next start.
+        return (
+            obj is not None
+            and not obj.is_registered
+            and super().has_delete_permission(request, obj)
+        )
+
+    @staticmethod
+    def _recent(obj: Handler) -> list[HandlerRun]:
+        runs: list[HandlerRun] | None = getattr(obj, "recent_run_list", None)
+        if runs is None:  # not fetched through get_queryset()
+            runs = list(obj.runs.order_by("-started_at", "-id")[:RECENT_RUNS])
+        return runs
+
+    @admin.display(description=_("name"), ordering="name")
+    def display_name(self, obj: Handler) -> SafeString:
+        if obj.is_registered:
+            return format_html("{}", obj.name)
+        return format_html(
+            '{} <span class="workitems-muted">({})</span>', obj.name, _("no longer registered")
+        )
+
+    @admin.display(description=_("max items"), ordering="max_items_per_cycle")
+    def max_items(self, obj: Handler) -> int:
+        return obj.max_items_per_cycle
+
+    @admin.display(description=_("last run"), ordering="last_run_at")
+    def last_run(self, obj: Handler) -> SafeString:
+        runs = self._recent(obj)
+        if not runs:
+            return format_html('<span class="workitems-muted">{}</span>', _("never"))
+        run = runs[0]
+        return format_html(
+            '<a class="workitems-last-run" href="{}" title="{}">{} {}</a>',
+            _change_url(run),
+            f"{run.started_at:%Y-%m-%d %H:%M:%S %Z}",
+            status_badge(run.status),
+            ago(run.started_at),
+        )
+
+    @admin.display(description=_("success"))
+    def recent_success_rate(self, obj: Handler) -> SafeString:
+        succeeded, rated = success_rate(self._recent(obj))
+        if not rated:
+            return _NOTHING
+        rate = 100 * succeeded // rated
+        level = "good" if rate >= 90 else "warn" if rate >= 50 else "bad"
+        return format_html(
+            '<span class="workitems-rate workitems-rate-{}" title="{}">{}%</span>',
+            level,
+            _("%(ok)d of the last %(n)d finished runs succeeded") % {"ok": succeeded, "n": rated},
+            rate,
+        )
+
+    @admin.display(description=_("recent runs"))
+    def recent_runs(self, obj: Handler) -> SafeString:
+        return recent_runs_chart(self._recent(obj))
+
+    @admin.display(description=_("recent runs"))
+    def recent_runs_large(self, obj: Handler) -> SafeString:
+        return recent_runs_chart(self._recent(obj), bar=12, height=48)
+
+    @admin.display(description=_("backlog"))
+    def backlog(self, obj: Handler) -> SafeString:
+        backlog = handler_backlog(obj.name)
+        if not backlog.registered:
+            return format_html('<span class="workitems-muted">{}</span>', _("not registered"))
+        if backlog.error:
+            return format_html(
+                '<span class="workitems-status workitems-status-failed">{}</span> {}',
+                _("error"),
+                backlog.error,
+            )
+        if backlog.count is None:
+            return format_html(
+                '<span class="workitems-muted">{}</span>', _("not reported by the handler")
+            )
+        if backlog.oldest_waiting is None:
+            return format_html("{}", _("%(n)d waiting") % {"n": backlog.count})
+        return format_html(
+            "{}",
+            _("%(n)d waiting, the oldest since %(ago)s")
+            % {"n": backlog.count, "ago": ago(backlog.oldest_waiting)},
+        )
+
+    @admin.display(description=_("run history"))
+    def run_history(self, obj: Handler) -> SafeString:
+        url = reverse("admin:django_workitems_handlerrun_changelist")
+        return format_html(
+            '<a href="{}?handler__id__exact={}">{}</a>', url, obj.pk, _("All runs of this handler")
+        )
+
+    # -- actions --------------------------------------------------------------------------
+
+    def _set_enabled(
+        self, request: HttpRequest, queryset: QuerySet[Handler], enabled: bool
+    ) -> None:
+        changed = list(queryset.exclude(is_enabled=enabled))
+        Handler.objects.filter(pk__in=[h.pk for h in changed]).update(
+            is_enabled=enabled, modified=timezone.now()
+        )
+        word = _("Enabled") if enabled else _("Disabled")
+        for handler in changed:
+            self.log_change(request, handler, [{"changed": {"fields": ["is_enabled"]}}])
+        self.message_user(
+            request,
+            ngettext("%(word)s %(count)d handler.", "%(word)s %(count)d handlers.", len(changed))
+            % {"word": word, "count": len(changed)},
+            messages.SUCCESS,
+        )
+
+    @admin.action(description=_("Enable selected handlers"), permissions=["change"])
+    def enable(self, request: HttpRequest, queryset: QuerySet[Handler]) -> None:
+        self._set_enabled(request, queryset, True)
+
+    @admin.action(description=_("Disable selected handlers"), permissions=["change"])
+    def disable(self, request: HttpRequest, queryset: QuerySet[Handler]) -> None:
+        self._set_enabled(request, queryset, False)
+
+    @admin.action(description=_("Run selected handlers now"), permissions=["change"])
+    def run_now(self, request: HttpRequest, queryset: QuerySet[Handler]) -> None:
+        from . import notify  # the public path: what workitems.notify(name) does
+
+        requested, unknown, disabled = [], [], []
+        for name, enabled in queryset.values_list("name", "is_enabled").order_by("name"):
+            try:
+                notify(name)
+            except UnknownHandlerError:
+                unknown.append(name)
+                continue
+            requested.append(name)
+            if not enabled:
+                disabled.append(name)
+        if requested:
+            self.message_user(
+                request,
+                _("Asked the workers to run now: %(names)s.") % {"names": ", ".join(requested)},
+                messages.SUCCESS,
+            )
+        if disabled:
+            self.message_user(
+                request,
+                _("Disabled, so they will not run until enabled: %(names)s.")
+                % {"names": ", ".join(disabled)},
+                messages.WARNING,
+            )
+        if unknown:
+            self.message_user(
+                request,
+                _("Not registered in this code, so they cannot run: %(names)s.")
+                % {"names": ", ".join(unknown)},
+                messages.ERROR,
+            )
+
+
+# Runs ------------------------------------------------------------------------------------
+
+
+class ItemFailureInline(ItemFailureInlineBase):
+    model = ItemFailure
+    extra = 0
+    max_num = 0
+    can_delete = False
+    fields = ("item_id", "error_type", "message", "occurred_at", "traceback_block")
+    readonly_fields = fields
+    verbose_name_plural = format_lazy(_("item failures (the first {n})"), n=MAX_FAILURES_SHOWN)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ItemFailure]:
+        # The formset adds the filter on the run; numbering within each run keeps the cap
+        # correct whatever it filters on.
+        position = Window(RowNumber(), partition_by=F("run_id"), order_by=("occurred_at", "id"))
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(position=position)
+            .filter(position__lte=MAX_FAILURES_SHOWN)
+        )
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description=_("traceback"))
+    def traceback_block(self, obj: ItemFailure) -> SafeString:
+        return format_html('<pre class="workitems-traceback">{}</pre>', obj.traceback)
+
+
+@admin.register(HandlerRun)
+class HandlerRunAdmin(HandlerRunAdminBase):
+    """The run history: read-only; only superusers may delete (pruning does it anyway)."""
+
+    list_display = (
+        "run",
+        "handler",
+        "coloured_status",
+        "started_at",
+        "duration",
+        "fetched",
+        "succeeded",
+        "failed",
+        "worker",
+    )
+    list_display_links = ("run",)
+    list_select_related = ("handler", "worker")
+    list_filter = ("status", "handler")
+    date_hierarchy = "started_at"
+    search_fields = ("handler__name", "=failures__item_id")
+    search_help_text = _("Handler name, or the exact id of a failed item.")
+    ordering = ("-started_at", "-id")
+    fields = (
+        "handler_link",
+        "coloured_status",
+        "worker",
+        "started_at",
+        "finished_at",
+        "duration",
+        "items_fetched",
+        "items_succeeded",
+        "items_failed",
+        "error_block",
+    )
+    readonly_fields = fields
+    inlines = (ItemFailureInline,)
+
+    class Media:
+        css = CSS
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[HandlerRun]:
+        return super().get_queryset(request).select_related("handler", "worker")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: HandlerRun | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: HandlerRun | None = None) -> bool:
+        return bool(request.user.is_superuser)
+
+    @admin.display(description=_("run"), ordering="-id")
+    def run(self, obj: HandlerRun) -> str:
+        return f"#{obj.pk}"
+
+    @admin.display(description=_("fetched"), ordering="items_fetched")
+    def fetched(self, obj: HandlerRun) -> int:
+        return obj.items_fetched
+
+    @admin.display(description=_("succeeded"), ordering="items_succeeded")
+    def succeeded(self, obj: HandlerRun) -> int:
+        return obj.items_succeeded
+
+    @admin.display(description=_("failed"), ordering="items_failed")
+    def failed(self, obj: HandlerRun) -> int:
+        return obj.items_failed
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: HandlerRun | None = None,
+    ) -> Any:
+        if obj is not None:
+            context["subtitle"] = _("Run #%(id)s of %(handler)s") % {
+                "id": obj.pk,
+                "handler": obj.handler.name,
+            }
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    @admin.display(description=_("handler"), ordering="handler__name")
+    def handler_link(self, obj: HandlerRun) -> SafeString:
+        return format_html('<a href="{}">{}</a>', _change_url(obj.handler), obj.handler.name)
+
+    @admin.display(description=_("status"), ordering="status")
+    def coloured_status(self, obj: HandlerRun) -> SafeString:
+        return status_badge(obj.status)
+
+    @admin.display(description=_("duration"))
+    def duration(self, obj: HandlerRun) -> str:
+        if obj.finished_at is None:
+            return str(
+                _("running for %(d)s") % {"d": format_duration(timezone.now() - obj.started_at)}
+            )
+        return format_duration(obj.duration)
+
+    @admin.display(description=_("error"))
+    def error_block(self, obj: HandlerRun) -> SafeString:
+        if not obj.error:
+            return _NOTHING
+        return format_html('<pre class="workitems-traceback">{}</pre>', obj.error)
+
+
+# Workers ---------------------------------------------------------------------------------
+
+
+class WorkerStateFilter(admin.SimpleListFilter):
+    title = _("state")
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [
+            ("alive", str(_("alive"))),
+            ("stale", str(_("stale (no recent heartbeat)"))),
+            ("stopped", str(_("stopped"))),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Worker]) -> QuerySet[Worker]:
+        horizon = timezone.now() - app_settings.lease_timeout
+        if self.value() == "alive":
+            return queryset.filter(stopped_at__isnull=True, last_heartbeat_at__gte=horizon)
+        if self.value() == "stale":
+            return queryset.filter(stopped_at__isnull=True, last_heartbeat_at__lt=horizon)
+        if self.value() == "stopped":
+            return queryset.filter(~Q(stopped_at=None))
+        return queryset
+
+
+@admin.register(Worker)
+class WorkerAdmin(WorkerAdminBase):
+    """``runworkitems`` processes: alive while they heartbeat within ``LEASE_TIMEOUT``."""
+
+    list_display = ("__str__", "started_at", "last_heartbeat_at", "state", "stopped_at")
+    list_filter = (WorkerStateFilter,)
+    search_fields = ("hostname", "=pid")
+    date_hierarchy = "started_at"
+    readonly_fields = ("hostname", "pid", "started_at", "last_heartbeat_at", "state", "stopped_at")
+    fields = readonly_fields
+
+    class Media:
+        css = CSS
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Worker | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Worker | None = None) -> bool:
+        return bool(request.user.is_superuser)
+
+    @admin.display(description=_("state"))
+    def state(self, obj: Worker) -> SafeString:
+        if obj.stopped_at is not None:
+            return format_html(
+                '<span class="workitems-status workitems-status-cancelled">{}</span>', _("stopped")
+            )
+        age = timezone.now() - obj.last_heartbeat_at
+        if age <= app_settings.lease_timeout:
+            return format_html(
+                '<span class="workitems-status workitems-status-succeeded">{}</span>', _("alive")
+            )
+        return format_html(
+            '<span class="workitems-status workitems-status-failed" title="{}">{}</span>',
+            capfirst(_("last heartbeat %(ago)s") % {"ago": ago(obj.last_heartbeat_at)}),
+            _("stale"),
+        )

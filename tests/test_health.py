@@ -1,0 +1,261 @@
+"""Health: the command's exit status and JSON, the HTTP probe view, backlogs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import timedelta
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import DatabaseError
+from django.test import override_settings
+from django.utils import timezone
+
+import django_workitems as workitems
+from django_workitems import health
+from django_workitems.health import check_health, handler_backlog
+from django_workitems.models import Handler, RunStatus
+from django_workitems.recording import sync_handlers
+from django_workitems.registry import registry as default_registry
+from tests.conftest import ROOT
+from tests.factories import HandlerRunFactory, WorkerFactory
+from tests.testapp.models import Task
+
+pytestmark = pytest.mark.django_db
+
+
+def health_command(*args: str) -> tuple[str, CommandError | None]:
+    out = StringIO()
+    try:
+        call_command("workitems_health", *args, stdout=out)
+    except CommandError as exc:
+        return out.getvalue(), exc
+    return out.getvalue(), None
+
+
+# The command -----------------------------------------------------------------------------
+
+
+def test_healthy_when_a_worker_heartbeated_within_the_lease_timeout():
+    WorkerFactory(last_heartbeat_at=timezone.now() - timedelta(seconds=3))  # LEASE_TIMEOUT 10s
+    out, failure = health_command()
+    assert failure is None
+    assert out.strip() == "healthy: 1 worker heartbeated within 0:00:10"
+
+
+def test_unhealthy_when_no_worker_ever_started():
+    _, failure = health_command()
+    assert failure is not None
+    assert str(failure) == "unhealthy: no worker has ever started (run manage.py runworkitems)"
+
+
+def test_unhealthy_when_the_only_worker_stopped_heartbeating():
+    worker = WorkerFactory(last_heartbeat_at=timezone.now() - timedelta(seconds=60))
+    _, failure = health_command()
+    assert failure is not None
+    message = str(failure)
+    assert message.startswith("unhealthy: no worker has heartbeated within 0:00:10")
+    assert f"from {worker}, was 60s ago" in message
+
+
+def test_unhealthy_when_every_worker_stopped():
+    WorkerFactory(last_heartbeat_at=timezone.now(), stopped_at=timezone.now())
+    _, failure = health_command()
+    assert failure is not None and "no worker is running" in str(failure)
+
+
+@override_settings(WORKITEMS={"LEASE_TIMEOUT": "00:05:00"})
+def test_the_lease_timeout_setting_decides_what_is_alive():
+    WorkerFactory(last_heartbeat_at=timezone.now() - timedelta(seconds=60))
+    out, failure = health_command()
+    assert failure is None and "within 0:05:00" in out
+
+
+@override_settings(WORKITEMS={"LEASE_TIMEOUT": "soon"})
+def test_a_bad_setting_is_an_unhealthy_exit_with_the_reason():
+    _, failure = health_command()
+    assert failure is not None and "LEASE_TIMEOUT" in str(failure)
+
+
+def test_json_lists_workers_handlers_last_success_and_backlog():
+    handlers = sync_handlers(default_registry)
+    now = timezone.now()
+    worker = WorkerFactory(hostname="box-1", pid=77, last_heartbeat_at=now)
+    WorkerFactory(stopped_at=now)  # stopped workers are not listed
+    HandlerRunFactory(
+        handler=handlers["jobs"],
+        status=RunStatus.SUCCEEDED,
+        started_at=now - timedelta(minutes=5),
+        finished_at=now - timedelta(minutes=4),
+    )
+    HandlerRunFactory(handler=handlers["jobs"], status=RunStatus.PARTIAL, started_at=now)
+    Task.objects.bulk_create([Task(), Task(), Task()])
+
+    out, failure = health_command("--json")
+
+    assert failure is None
+    report = json.loads(out)
+    assert report["status"] == "ok" and report["workers_alive"] == 1
+    assert report["lease_timeout_seconds"] == 10
+    assert [(w["hostname"], w["pid"], w["alive"]) for w in report["workers"]] == [
+        (worker.hostname, 77, True)
+    ]
+    by_name = {h["name"]: h for h in report["handlers"]}
+    assert set(by_name) == set(handlers)
+    jobs = by_name["jobs"]
+    assert jobs["last_run_status"] == "partial"
+    assert 230 <= jobs["last_success_age_seconds"] <= 300
+    assert jobs["backlog"] is None  # JobHandler does not report one
+    tasks = by_name["tasks"]
+    assert tasks["backlog"] == 3 and tasks["oldest_waiting_age_seconds"] >= 0
+    assert tasks["last_success_at"] is None and tasks["backlog_error"] is None
+    assert by_name["django_workitems.prune-runs"]["backlog"] == 0
+
+
+def test_json_is_printed_when_unhealthy_too():
+    out, failure = health_command("--json")
+    assert failure is not None
+    assert json.loads(out)["status"] == "unhealthy"
+
+
+def test_json_names_only_the_type_of_a_backlog_error(monkeypatch):
+    from tests.testapp.handlers import TaskHandler
+
+    def broken(self):
+        raise ConnectionError("postgres://user:secret@db/queue is down")
+
+    monkeypatch.setattr(TaskHandler, "backlog", broken)
+    sync_handlers(default_registry)
+    out, _ = health_command("--json")
+    assert "secret" not in out
+    tasks = next(h for h in json.loads(out)["handlers"] if h["name"] == "tasks")
+    assert tasks["backlog_error"] == "ConnectionError" and tasks["backlog"] is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_command_exit_status_for_an_orchestrator(worker_env):
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "django", "workitems_health"],
+            cwd=ROOT,
+            env=worker_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    down = run()
+    assert down.returncode == 1
+    assert "unhealthy: no worker has ever started" in down.stderr
+    WorkerFactory()
+    up = run()
+    assert up.returncode == 0, up.stderr
+    assert up.stdout.startswith("healthy: 1 worker")
+
+
+# The view --------------------------------------------------------------------------------
+
+
+def test_the_view_gives_anyone_the_status_but_no_detail(client):
+    response = client.get("/health/")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unhealthy" and body["workers_alive"] == 0
+    assert "workers" not in body and "handlers" not in body
+    assert "no-cache" in response["Cache-Control"]
+
+    WorkerFactory(hostname="secret-host")
+    response = client.get("/health/")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok" and b"secret-host" not in response.content
+
+
+def test_the_view_gives_staff_the_same_json_as_the_command(admin_client):
+    sync_handlers(default_registry)
+    WorkerFactory(hostname="box-2")
+    response = admin_client.get("/health/")
+    assert response.status_code == 200
+    body = response.json()
+    out, _ = health_command("--json")
+    command = json.loads(out)
+    assert set(body) == set(command)
+    assert [w["hostname"] for w in body["workers"]] == ["box-2"]
+    assert [h["name"] for h in body["handlers"]] == [h["name"] for h in command["handlers"]]
+
+
+def test_the_view_refuses_writes_and_survives_a_database_error(client, monkeypatch):
+    assert client.post("/health/").status_code == 405
+
+    def down(**kwargs):
+        raise DatabaseError("connection refused to db.internal:5432")
+
+    monkeypatch.setattr(health, "check_health", down)
+    response = client.get("/health/")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unhealthy", "reason": "the database could not be read"}
+
+
+def test_check_health_without_detail_does_not_read_backlogs(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a backlog was read")
+
+    monkeypatch.setattr(health, "handler_backlog", fail)
+    report = check_health(detail=False)
+    assert report.handlers == [] and report.workers == [] and not report.healthy
+
+
+# Backlogs --------------------------------------------------------------------------------
+
+
+class Counted(workitems.WorkItemHandler[int]):
+    closed = 0
+
+    def fetch_next(self, max_items, cancel):
+        return []
+
+    def process(self, item, cancel):
+        pass
+
+    def backlog(self):
+        return 5
+
+    def oldest_waiting(self):
+        return timezone.now() - timedelta(minutes=2)
+
+    def close(self):
+        Counted.closed += 1
+
+
+class AsyncCounted(Counted):
+    async def backlog(self):
+        return 7
+
+
+class Raising(Counted):
+    def backlog(self):
+        raise TimeoutError("slow source")
+
+
+def test_handler_backlog_asks_a_fresh_instance_and_closes_it(registry):
+    registry.add_handler(Counted, name="counted").add_handler(AsyncCounted, name="async")
+    registry.add_handler(Raising, name="raising")
+    Counted.closed = 0
+
+    backlog = handler_backlog("counted", registry)
+    assert backlog.count == 5 and backlog.error == ""
+    assert timedelta(minutes=2) <= backlog.age() < timedelta(minutes=3)
+    assert handler_backlog("async", registry).count == 7
+    failed = handler_backlog("raising", registry)
+    assert (failed.count, failed.error) == (None, "TimeoutError: slow source")
+    assert Counted.closed == 3  # closed after an error too
+    assert handler_backlog("unknown", registry).registered is False
+
+
+def test_unregistered_handlers_get_no_backlog_in_the_report():
+    Handler.objects.create(name="retired", is_registered=False)
+    report = check_health()
+    retired = next(h for h in report.as_dict()["handlers"] if h["name"] == "retired")
+    assert retired["registered"] is False and retired["backlog"] is None
