@@ -456,7 +456,12 @@ def test_a_database_error_after_the_fetch_gives_the_items_back_and_the_worker_go
 
     assert sorted(released) == [0, 1, 2, 3, 4]
     assert sorted(recorder.of("flaky:done")) == [0, 1, 2, 3, 4]
-    assert HandlerRun.objects.get(handler__name="flaky").items_succeeded == 5
+    wait_for(
+        lambda: HandlerRun.objects.filter(
+            handler__name="flaky", status=RunStatus.SUCCEEDED, items_succeeded=5
+        ).exists(),
+        message="the run recorded",
+    )
 
 
 def test_run_once_selects_by_name_and_purpose(registry, list_handler, recorder):
