@@ -8,30 +8,28 @@ class CatalogConfig(AppConfig):
     def ready(self) -> None:
         import django_workitems as workitems
 
-        from .handlers import (
-            EXPORT_HANDLER,
-            IMPORT_HANDLER,
-            PURGE_HANDLER,
-            ExportProductsHandler,
-            ImportProductsHandler,
-            PurgeOldImportsHandler,
-        )
+        from . import handlers
 
         workitems.add_handler(
-            ImportProductsHandler,
-            name=IMPORT_HANDLER,
+            handlers.StoreBatchHandler,
+            name=handlers.STORE_HANDLER,
+            max_items_per_cycle=3,
+            max_concurrency=3,  # at most three scrapes at once per worker: be polite to shops
+            purpose=workitems.Purpose.INGESTION,
+        ).add_handler(
+            handlers.CsvImportHandler,
+            name=handlers.CSV_IMPORT_HANDLER,
             max_items_per_cycle=5,
             purpose=workitems.Purpose.INGESTION,
-            poll_interval="00:01:00",
         ).add_handler(
-            ExportProductsHandler,
-            name=EXPORT_HANDLER,
-            max_items_per_cycle=1,
+            handlers.BatchWebhookHandler,
+            name=handlers.WEBHOOK_HANDLER,
+            max_items_per_cycle=20,
             purpose=workitems.Purpose.EXPORT,
         ).add_handler(
-            PurgeOldImportsHandler,
-            name=PURGE_HANDLER,
-            max_items_per_cycle=50,
+            handlers.PurgeStaleBatchesHandler,
+            name=handlers.PURGE_HANDLER,
+            max_items_per_cycle=100,
             purpose=workitems.Purpose.INTERNAL,
             poll_interval="01:00:00",
         )

@@ -27,11 +27,14 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "graphene_django",
     "django_workitems",
     "catalog",
 ]
 
-DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
+# An empty DATABASE_URL counts as unset.
+DATABASE_URL = env.str("DATABASE_URL", default="") or f"sqlite:///{VAR_DIR / 'db.sqlite3'}"
+DATABASES = {"default": env.db_url_config(DATABASE_URL)}
 # Pool threads keep their connection through a burst of items instead of reconnecting per item.
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
@@ -43,6 +46,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "init_command": "PRAGMA journal_mode=WAL;",
     }
+    # Tests use a file (not memory), so the worker subprocess of the end-to-end test sees it.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
@@ -69,6 +74,9 @@ TEMPLATES = [
     }
 ]
 STATIC_URL = "static/"
+
+# /graphql/ serves django_workitems' ready schema, with GraphiQL in the browser.
+GRAPHENE = {"SCHEMA": "django_workitems.schema.schema"}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 WORKITEMS = {
@@ -80,5 +88,38 @@ WORKITEMS = {
     "RUN_RETENTION": env("WORKITEMS_RUN_RETENTION", default="30.00:00:00"),
 }
 
-# Where catalog.export-products writes its JSON files.
-CATALOG_EXPORT_DIR = env.path("CATALOG_EXPORT_DIR", default=VAR_DIR / "exports")
+# The catalog app's handlers (catalog/handlers/).
+# catalog.scrape-store: seconds to wait for a page, hosts it may scrape, first retry delay.
+CATALOG_HTTP_TIMEOUT = env.float("CATALOG_HTTP_TIMEOUT", default=10.0)
+CATALOG_SCRAPE_HOSTS = env.list("CATALOG_SCRAPE_HOSTS", default=["127.0.0.1", "localhost"])
+CATALOG_SCRAPE_RETRY_BACKOFF = env.float("CATALOG_SCRAPE_RETRY_BACKOFF", default=30.0)
+# catalog.import-csv: the folder CSV files are dropped into.
+CATALOG_INBOX_DIR = env.path("CATALOG_INBOX_DIR", default=VAR_DIR / "inbox")
+# catalog.notify-batches: where to POST a JSON notification per finished batch ("" = nowhere).
+CATALOG_WEBHOOK_URL = env("CATALOG_WEBHOOK_URL", default="")
+# catalog.purge-stale-batches: how long finished batches are kept.
+CATALOG_BATCH_RETENTION_DAYS = env.int("CATALOG_BATCH_RETENTION_DAYS", default=30)
+
+# Worker logs with the work item context on every line (see the README, "Log with context").
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"workitems": {"()": "django_workitems.log.ContextFilter"}},
+    "formatters": {
+        "workitems": {
+            "format": "%(asctime)s %(levelname)s %(name)s "
+            "[%(handler)s run=%(run_id)s item=%(work_item_id)s] %(message)s"
+        }
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "filters": ["workitems"],
+            "formatter": "workitems",
+        }
+    },
+    "loggers": {
+        "django_workitems": {"handlers": ["console"], "level": "INFO"},
+        "catalog": {"handlers": ["console"], "level": env("CATALOG_LOG_LEVEL", default="INFO")},
+    },
+}
