@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/test
 PYTEST_ARGS ?=
 
-.PHONY: install test test-sqlite test-postgres lint coverage demo serve clean
+.PHONY: install test test-sqlite test-postgres test-example lint coverage demo serve clean bench bench-quick
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,13 +15,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The whole gate: lint, the suite on SQLite and on PostgreSQL (coverage combined), the example.
+# The whole gate: lint, the suite on SQLite and on PostgreSQL (coverage combined), the example
+# project's tests on both, and a smoke run of the benchmarks (no speed asserted).
 test: install
 	rm -f .coverage .coverage.*
 	$(MAKE) lint
 	$(MAKE) test-sqlite
 	$(MAKE) test-postgres
 	$(MAKE) coverage
+	$(MAKE) test-example
+	$(MAKE) bench-quick
 
 # Warnings are errors (pyproject) and PYTHONDEVMODE reports leaked sockets, files and threads.
 RUN_TESTS := PYTHONDEVMODE=1 $(BIN)/python -m coverage run -m pytest $(PYTEST_ARGS)
@@ -32,6 +35,10 @@ test-sqlite: install
 test-postgres: install
 	DATABASE_URL=$(POSTGRES_URL) $(RUN_TESTS)
 
+test-example: install
+	env -u DATABASE_URL PYTHONDEVMODE=1 $(MAKE) -C example_project test PYTHON=$(abspath $(BIN))/python
+	DATABASE_URL=$(POSTGRES_URL) PYTHONDEVMODE=1 $(MAKE) -C example_project test PYTHON=$(abspath $(BIN))/python
+
 coverage: install
 	$(BIN)/python -m coverage combine --quiet
 	$(BIN)/python -m coverage report --fail-under=90
@@ -41,6 +48,13 @@ lint: install
 	$(BIN)/ruff format --check .
 	PYTHONPATH=. $(BIN)/mypy django_workitems tests
 	PYTHONPATH=. DJANGO_SETTINGS_MODULE=tests.settings $(BIN)/python -m django makemigrations --check --dry-run
+	cd example_project && env -u DATABASE_URL ../$(BIN)/python manage.py makemigrations --check --dry-run
+
+bench: install
+	$(BIN)/python -m benchmarks $(ARGS)
+
+bench-quick: install
+	$(BIN)/python -m benchmarks --quick $(ARGS)
 
 demo: install
 	$(MAKE) -C example_project demo PYTHON=$(abspath $(BIN))/python

@@ -285,7 +285,9 @@ class QuerySetHandler(WorkItemHandler[M]):
                 self._failed(item, "Cancelled by the handler")
             raise
         except Exception as exc:
-            self._failed(item, "".join(traceback.format_exception(exc)))
+            self._failed(
+                item, "".join(traceback.format_exception(exc)), retry=self.should_retry(item, exc)
+            )
             raise
         else:
             self._done(item)
@@ -331,14 +333,25 @@ class QuerySetHandler(WorkItemHandler[M]):
                 len(batch),
             )
 
-    def _failed(self, item: M, error: str) -> None:
+    def should_retry(self, obj: M, exc: Exception) -> bool:
+        """Whether a row whose ``handle`` raised ``exc`` is tried again (within ``max_attempts``).
+
+        Override to fail rows at once on errors that no retry can mend (a malformed page).
+        """
+        return True
+
+    def retry_delay(self, attempts: int) -> float:
+        """Seconds before a row that failed its ``attempts``-th attempt is available again."""
+        return float(self.retry_backoff * 2 ** max(0, attempts - 1))
+
+    def _failed(self, item: M, error: str, *, retry: bool = True) -> None:
         from .models import WorkItemModel
 
         now = timezone.now()
-        if item.attempts >= self.max_attempts:
+        if not retry or item.attempts >= self.max_attempts:
             changes: dict[str, Any] = {"status": WorkItemModel.STATUS.failed}
         else:
-            delay = self.retry_backoff * 2 ** max(0, item.attempts - 1)
+            delay = self.retry_delay(item.attempts)
             changes = {
                 "status": WorkItemModel.STATUS.queued,
                 "available_at": now + timedelta(seconds=delay),

@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
 
 LOGGER = "django_workitems"
 
 
+FIELDS = ("handler", "run_id", "work_item_id")
+
+log_context: ContextVar[tuple[str | None, int | None, str | None]] = ContextVar(
+    "workitems_log_context", default=(None, None, None)
+)
+"""The handler, run and work item the current thread is busy with, set by the worker."""
+
+
 class ContextFilter(logging.Filter):
-    """Gives every record ``handler``, ``run_id`` and ``work_item_id``, so formats can use them."""
+    """Gives every record ``handler``, ``run_id`` and ``work_item_id``, so formats can use them.
+
+    Values passed in ``extra`` win; otherwise they come from what the worker is doing in this
+    thread, so a handler's own log lines carry them without passing ``extra``.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        for name in ("handler", "run_id", "work_item_id"):
-            if not hasattr(record, name):
-                setattr(record, name, None)
+        for name, value in zip(FIELDS, log_context.get(), strict=True):
+            if getattr(record, name, None) is None:
+                setattr(record, name, value)
         return True
 
 

@@ -40,6 +40,7 @@ from .handlers import (
     current_worker_id,
     describe_item,
 )
+from .log import log_context
 from .models import RunStatus
 from .recording import FailureRecord
 from .registry import Registration
@@ -374,7 +375,9 @@ class WorkItemProcessingService:
     def _fetch(self, activation: Activation) -> None:
         """The fetch thread: every path reports the fetch and, if nothing was queued, finishes."""
         handed_over = False
-        current_worker_id.set(self.worker_id)  # this thread's own context: no reset needed
+        # This thread's own context: no reset needed.
+        current_worker_id.set(self.worker_id)
+        log_context.set((activation.name, None, None))
         try:
             handed_over = self._fetch_and_queue(activation)
         except BaseException as exc:  # e.g. the database is down: recorded, retried later
@@ -503,6 +506,7 @@ class WorkItemProcessingService:
         item_id = describe_item(item)
         handler = activation.handler
         assert handler is not None  # items are queued only after the handler fetched them
+        context = log_context.set((activation.name, activation.run_id, item_id))
         try:
             call_handler(handler.process, item, activation.token)
         except Cancelled as exc:
@@ -515,6 +519,7 @@ class WorkItemProcessingService:
         else:
             self._item_counted(activation, activation.item_done(succeeded=True))
         finally:
+            log_context.reset(context)
             release_connections(idle=False)
 
     def _item_failed(

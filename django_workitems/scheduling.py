@@ -131,15 +131,15 @@ class Scheduler:
         demands: list[tuple[_HandlerSchedule, int]] = []
         for state in candidates:
             reg = state.registration
+            batch = min(reg.max_items_per_cycle, share)
             want = min(reg.max_items_per_cycle, share - queued(reg.name))
+            if reg.max_concurrency is not None:
+                # Hold no more than it can soon start: other workers may take the rest.
+                batch = min(batch, 2 * reg.max_concurrency)
+                want = min(want, 2 * reg.max_concurrency - queued(reg.name))
             timer_due = state.requested or now >= state.next_due
             # A backlog is claimed in real batches, not one item per freed slot.
-            if (
-                not reg.exclusive
-                and state.drain
-                and not timer_due
-                and want < max(1, min(reg.max_items_per_cycle, share) // 2)
-            ):
+            if not reg.exclusive and state.drain and not timer_due and want < max(1, batch // 2):
                 continue
             if want >= 1:
                 demands.append((state, want))

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .exceptions import Cancelled
 from .handlers import CancellationToken, WorkItemHandler, call_handler, describe_item
 
 
@@ -28,6 +29,8 @@ class HandlerResult:
     succeeded: int = 0
     failed: int = 0
     failures: list[Failure] = field(default_factory=list)
+    released: list[Any] = field(default_factory=list)
+    """Items given back through ``release()`` after ``cancel`` was set, as the worker does."""
 
 
 def run_handler(
@@ -55,14 +58,22 @@ def run_handler(
     result = HandlerResult()
     try:
         result.items = list(call_handler(handler.fetch_next, max_items, token) or ())
-        for item in result.items:
+        for index, item in enumerate(result.items):
+            if token.cancelled:  # like a shutdown: what was not started goes back
+                result.released.extend(result.items[index:])
+                break
             try:
                 call_handler(handler.process, item, token)
             except Exception as exc:
+                if isinstance(exc, Cancelled) and token.cancelled:
+                    result.released.append(item)
+                    continue
                 result.failed += 1
                 result.failures.append(Failure(describe_item(item), exc, traceback.format_exc()))
             else:
                 result.succeeded += 1
+        if result.released:
+            handler.release(result.released)
     finally:
         handler.close()
     return result

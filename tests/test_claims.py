@@ -268,3 +268,41 @@ def test_a_model_with_notify_handler_wakes_its_handler_when_a_row_is_queued(
         lambda: Task.objects.get(pk=task.pk).status == "succeeded", timeout=10, message="a wake-up"
     )
     assert Handler.objects.get(name="tasks").run_requested_at is not None
+
+
+@pytest.mark.django_db
+def test_run_handler_releases_rows_after_cancellation_as_the_worker_does():
+    Task.objects.bulk_create([Task(seconds=30) for _ in range(3)])
+    token = workitems.CancellationToken()
+    token.cancel()  # cancelled before anything starts: the first row's handle raises Cancelled
+
+    result = run_handler(TaskHandler, cancel=token)
+
+    assert (result.succeeded, result.failed) == (0, 0)
+    assert len(result.released) == 3
+    assert list(Task.objects.values_list("status", "attempts").distinct()) == [("queued", 0)]
+
+
+@pytest.mark.django_db
+def test_should_retry_and_retry_delay_are_hooks():
+    class Picky(TaskHandler):
+        def should_retry(self, obj, exc):
+            return "permanent" not in str(exc)
+
+        def retry_delay(self, attempts):
+            return 3600.0 * attempts
+
+        def handle(self, obj, cancel):
+            raise ValueError("permanent" if obj.action == "fail" else "transient")
+
+    permanent = Task.objects.create(action="fail")
+    transient = Task.objects.create(action="ok")
+    before = timezone.now()
+
+    assert run_handler(Picky).failed == 2
+
+    permanent.refresh_from_db()
+    transient.refresh_from_db()
+    assert (permanent.status, permanent.attempts) == ("failed", 1)
+    assert transient.status == "queued"
+    assert 3599 <= (transient.available_at - before).total_seconds() <= 3610

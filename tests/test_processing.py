@@ -474,3 +474,30 @@ def test_run_once_selects_by_name_and_purpose(registry, list_handler, recorder):
     assert recorder.count("in:done") == recorder.count("out:done") == 2
     with pytest.raises(workitems.UnknownHandlerError, match="registered handlers: in, other, out"):
         run_once(registry=registry, handlers=["missing"])
+
+
+def test_a_handlers_own_log_lines_carry_the_handler_run_and_item(registry, caplog):
+    from django_workitems.log import ContextFilter
+
+    class Chatty(workitems.WorkItemHandler[dict]):
+        def fetch_next(self, max_items, cancel):
+            logging.getLogger("tests.chatty").info("fetching")
+            return [{"id": "a"}, {"id": "b"}]
+
+        def process(self, item, cancel):
+            logging.getLogger("tests.chatty").info("doing %s", item["id"])
+
+    registry.add_handler(Chatty, name="chatty")
+    caplog.handler.addFilter(ContextFilter())
+    with caplog.at_level(logging.INFO, logger="tests.chatty"):
+        result = run_once(registry=registry)
+
+    lines = {r.getMessage(): r for r in caplog.records if r.name == "tests.chatty"}
+    assert lines["fetching"].handler == "chatty" and lines["fetching"].run_id is None
+    for item in ("a", "b"):
+        record = lines[f"doing {item}"]
+        assert (record.handler, record.run_id, record.work_item_id) == (
+            "chatty",
+            result["chatty"].run_id,
+            item,
+        )

@@ -493,3 +493,22 @@ def test_a_fetch_with_an_isolated_item_holds_the_handler_then_drains_at_once():
     assert plan(sched, 0.2) == {}
     sched.activation_finished("claims")
     assert list(plan(sched, 0.3)) == ["claims"]
+
+
+def test_max_concurrency_caps_what_a_fetch_asks_for():
+    reg = Registration(
+        name="capped",
+        factory=object,
+        max_items_per_cycle=50,
+        purpose=Purpose.INTERNAL,
+        exclusive=False,
+        poll_interval=None,
+        max_concurrency=3,
+    )
+    sched = scheduler(reg)
+    assert plan(sched, 0.0) == {"capped": 6}
+    sched.fetch_started("capped", 0.0)
+    sched.fetch_finished("capped", asked=6, fetched=6, failed=False, now=0.1)
+    # Drain mode: fetched again once half of its cap is free, not before.
+    assert plan(sched, 0.2, queued=lambda name: 4) == {}
+    assert plan(sched, 0.2, queued=lambda name: 3) == {"capped": 3}
