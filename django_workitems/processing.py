@@ -2,10 +2,12 @@
 
 Threads and who owns what:
 
-- each fetch runs on a short-lived daemon thread of its own, so a slow fetch never holds back
-  another handler's items;
-- ``workers`` pool threads take items from the channel and process them; each owns its Django
-  connections, keeps them through a burst of items and closes them when it goes idle or exits;
+- fetches run on fetch threads, one fetch at a time each; a thread is added whenever every one
+  is busy, so a slow fetch never holds back another handler's items;
+- ``workers`` pool threads take items from the channel and process them;
+- every thread owns its Django connections, keeps them while work keeps coming, applies
+  ``close_old_connections`` semantics after ``IDLE_AFTER`` seconds without work, and closes
+  them when it exits;
 - a keeper thread renews the leases of exclusive handlers (and, through ``on_beat``, the
   worker's heartbeat) well inside ``LEASE_TIMEOUT``;
 - an :class:`Activation` is shared by its fetch thread and the pool threads that process its
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -49,6 +52,16 @@ logger = logging.getLogger("django_workitems.processing")
 
 FLUSH_INTERVAL = 2.0
 """Seconds between progress writes of a long activation (counts and failures, in one batch)."""
+
+IDLE_AFTER = 1.0
+"""Seconds without work after which a thread applies ``close_old_connections`` semantics.
+
+While work keeps coming, a thread keeps its connection from one unit to the next (even with
+``CONN_MAX_AGE = 0``), so a busy worker does not reconnect for every item or batch.
+"""
+
+MAX_FETCHERS = 32
+"""Fetch threads are added while every one is busy (a slow fetch never holds others back)."""
 
 
 def release_connections(*, idle: bool) -> None:
@@ -258,7 +271,10 @@ class WorkItemProcessingService:
         self._on_finished = on_finished
         self._on_beat = on_beat
         self._threads: list[threading.Thread] = []
-        self._fetch_threads: set[threading.Thread] = set()
+        self._fetchers: list[threading.Thread] = []
+        self._fetch_jobs: queue.SimpleQueue[Activation | None] = queue.SimpleQueue()
+        self._idle_fetchers = 0
+        self._waiting_fetches = 0
         self._active: set[Activation] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -305,8 +321,11 @@ class WorkItemProcessingService:
         self.channel.close()
         self._release(self.channel.drain())
         deadline = time.monotonic() + timeout
-        threads = [*self._threads, *self._fetch_threads_snapshot()]
-        for thread in threads:
+        with self._lock:
+            fetchers = list(self._fetchers)
+        for _ in fetchers:
+            self._fetch_jobs.put(None)  # each fetcher ends after its current fetch
+        for thread in [*self._threads, *fetchers]:
             while thread.is_alive() and time.monotonic() < deadline:
                 if abort is not None and abort():
                     return
@@ -326,16 +345,12 @@ class WorkItemProcessingService:
         if self._keeper is not None:
             self._keeper.join(timeout=5)
 
-    def _fetch_threads_snapshot(self) -> list[threading.Thread]:
-        with self._lock:
-            return list(self._fetch_threads)
-
     # -- activations ----------------------------------------------------------------------
 
     def activate(
         self, registration: Registration, *, handler_id: int, max_items: int
     ) -> Activation | None:
-        """Start an activation: reserve channel room, then fetch on a thread of its own.
+        """Start an activation: reserve channel room, then hand the fetch to a fetch thread.
 
         Returns None when the channel has no room or the service is stopping.
         """
@@ -348,17 +363,44 @@ class WorkItemProcessingService:
         activation = Activation(
             registration, handler_id=handler_id, max_items=granted, token=self.token.child()
         )
-        thread = threading.Thread(
-            target=self._fetch,
-            args=(activation,),
-            name=f"workitems-fetch-{registration.name}",
-            daemon=True,
-        )
         with self._lock:
             self._active.add(activation)
-            self._fetch_threads.add(thread)
-        thread.start()
+            self._waiting_fetches += 1
+            thread = None
+            if self._waiting_fetches > self._idle_fetchers and len(self._fetchers) < MAX_FETCHERS:
+                thread = threading.Thread(
+                    target=self._fetcher,
+                    name=f"workitems-fetch-{len(self._fetchers)}",
+                    daemon=True,
+                )
+                self._fetchers.append(thread)
+        self._fetch_jobs.put(activation)
+        if thread is not None:
+            thread.start()
         return activation
+
+    def _fetcher(self) -> None:
+        """A fetch thread: runs fetches one after another, keeping its connection while busy."""
+        try:
+            while True:
+                with self._lock:
+                    self._idle_fetchers += 1
+                try:
+                    try:
+                        job = self._fetch_jobs.get(timeout=IDLE_AFTER)
+                    except queue.Empty:
+                        release_connections(idle=True)
+                        job = self._fetch_jobs.get()
+                finally:
+                    with self._lock:
+                        self._idle_fetchers -= 1
+                if job is None:
+                    break
+                with self._lock:
+                    self._waiting_fetches -= 1
+                self._fetch(job)
+        finally:
+            connections.close_all()
 
     def run_cycle(self, plan: Sequence[tuple[Registration, int, int]]) -> list[Activation]:
         """Activate every (registration, handler_id, max_items) of ``plan`` and wait for all."""
@@ -398,9 +440,7 @@ class WorkItemProcessingService:
                 if not handed_over:
                     self._finish(activation)
             finally:
-                connections.close_all()
-                with self._lock:
-                    self._fetch_threads.discard(threading.current_thread())
+                release_connections(idle=False)
 
     def _fetch_and_queue(self, activation: Activation) -> bool:
         """Fetch and queue the items; True once they (and the reservation) are in the channel."""
@@ -486,7 +526,7 @@ class WorkItemProcessingService:
     def _pool_worker(self) -> None:
         try:
             while True:
-                found = self.channel.take(timeout=0)
+                found = self.channel.take(timeout=IDLE_AFTER)
                 if found is None:
                     if self.channel.closed:
                         break
