@@ -161,7 +161,7 @@ class BackgroundProcessingService:
     # -- running ------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _session(self) -> Iterator[WorkItemProcessingService]:
+    def _session(self, *, listen: bool = True) -> Iterator[WorkItemProcessingService]:
         """Sync handlers, register the worker, run the pool; always shut down cleanly."""
         recording.sync_handlers(self.registry)
         self._waker = Waker()
@@ -188,7 +188,7 @@ class BackgroundProcessingService:
         )
         self._service = service
         listener = None
-        if wakeups.Listener.supported():
+        if listen and wakeups.Listener.supported():
             listener = wakeups.Listener(lambda name: self._post("request", name))
         restore = self._install_signals()
         try:
@@ -278,7 +278,8 @@ class BackgroundProcessingService:
         result = CycleResult()
         activations: list[Activation] = []
         try:
-            with self._session() as service:
+            # One cycle: nothing to wake up for, so no LISTEN connection to open and close.
+            with self._session(listen=False) as service:
                 states = recording.handler_states(r.name for r in self.registrations)
                 plan: list[tuple[Registration, int]] = []
                 for reg in self.registrations:

@@ -38,3 +38,37 @@ def _hint(key: str) -> str:
         if spec.key == key:
             return f"The default is {spec.default!r}."
     return "Set WORKITEMS to a dict, e.g. {'WORKERS': 4}."
+
+
+@register(TAG, "models")
+def check_work_item_indexes(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """Warn about ``WorkItemModel`` subclasses that lost the index their claims need.
+
+    A subclass declaring ``class Meta:`` of its own (instead of ``Meta(WorkItemModel.Meta)``)
+    drops the inherited indexes, and every claim then scans the whole table.
+    """
+    from django.apps import apps
+
+    from .models import WorkItemModel
+
+    candidates = kwargs.get("models")
+    if candidates is None:
+        configs = app_configs if app_configs is not None else apps.get_app_configs()
+        candidates = [model for config in configs for model in config.get_models()]
+    return [
+        Warning(
+            f"{model._meta.label} has no index starting with (status, available_at): claiming "
+            "its rows scans the whole table.",
+            hint="Declare its Meta as `class Meta(WorkItemModel.Meta):` to keep the indexes.",
+            obj=model,
+            id="django_workitems.W002",
+        )
+        for model in candidates
+        if issubclass(model, WorkItemModel)
+        and not model._meta.abstract
+        and not any(
+            list(index.fields[:2]) == ["status", "available_at"] for index in model._meta.indexes
+        )
+    ]

@@ -198,6 +198,7 @@ class QuerySetHandler(WorkItemHandler[M]):
 
     _suspects_lock = threading.Lock()
     _suspects: ClassVar[set[str]] = set()  # models for which this process holds a suspect
+    _next_sweep: ClassVar[dict[str, float]] = {}  # per model: when to look for dead claims
     _unsettled: ClassVar[list[tuple[type[Any], Q, dict[str, Any], str]]] = []
     """Outcome writes that failed (the database went away); retried before the next claim."""
 
@@ -235,36 +236,51 @@ class QuerySetHandler(WorkItemHandler[M]):
         self._settle(qs.model)
         worker_id = current_worker_id.get()
         lease_timeout = app_settings.lease_timeout
+        key = self._model_key(qs)
+        rows: list[M] = []
+        # Looking for rows of dead workers costs as much as the claim itself; a death is only
+        # seen LEASE_TIMEOUT after the fact anyway, so look a few times per LEASE_TIMEOUT, and
+        # at once again after a row was taken back (the next one is probably waiting).
+        now = time.monotonic()
+        with self._suspects_lock:
+            sweep = key not in self._suspects and now >= self._next_sweep.get(key, 0.0)
+            if sweep:
+                self._suspects.add(key)
+        if sweep:
+            try:
+                rows = self._take_back_one(qs, worker_id, lease_timeout)
+            finally:
+                with self._suspects_lock:
+                    if not rows:
+                        self._suspects.discard(key)
+                    pause = 0.0 if rows else lease_timeout.total_seconds() / 4
+                    self._next_sweep[key] = now + pause
+        if max_items > len(rows):
+            rows.extend(qs.claim(max_items - len(rows), worker_id=worker_id))
+        return rows
+
+    def _take_back_one(
+        self, qs: WorkItemQuerySet[M], worker_id: int | None, lease_timeout: timedelta
+    ) -> list[M]:
+        """Fail rows whose workers died too often; claim one other row of a dead worker."""
+        key = self._model_key(qs)
         failed = qs.fail_exhausted_abandoned(lease_timeout, self.max_attempts)
         if failed:
             _logger.error(
                 "%s: %d rows failed: their workers died while processing them %d times",
-                self._model_key(qs),
+                key,
                 failed,
                 self.max_attempts,
             )
-        rows: list[M] = []
-        key = self._model_key(qs)
-        with self._suspects_lock:
-            may_reclaim = key not in self._suspects
-            if may_reclaim:
-                self._suspects.add(key)
-        if may_reclaim:
-            try:
-                rows = qs.claim(1, worker_id=worker_id, reclaim=True, lease_timeout=lease_timeout)
-            finally:
-                if not rows:
-                    self._forget_suspect(key)
-            for row in rows:
-                row._workitems_suspect = True  # type: ignore[attr-defined]
-                _logger.warning(
-                    "%s %s: taken back from a worker that died; retrying it alone (attempt %d)",
-                    key,
-                    row.pk,
-                    row.attempts,
-                )
-        if max_items > len(rows):
-            rows.extend(qs.claim(max_items - len(rows), worker_id=worker_id))
+        rows = qs.claim(1, worker_id=worker_id, reclaim=True, lease_timeout=lease_timeout)
+        for row in rows:
+            row._workitems_suspect = True  # type: ignore[attr-defined]
+            _logger.warning(
+                "%s %s: taken back from a worker that died; retrying it alone (attempt %d)",
+                key,
+                row.pk,
+                row.attempts,
+            )
         return rows
 
     def _forget_suspect(self, key: str) -> None:

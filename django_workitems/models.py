@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 
-from django.db import models, router, transaction
+from django.db import connections, models, router, transaction
 from django.db.models import F, OuterRef, Q, Subquery
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -260,35 +260,58 @@ class WorkItemQuerySet(models.QuerySet[_W]):
             max_items = 1
         else:
             candidates = self.available(now).order_by("available_at", "pk")
+        changes = {
+            "status": WorkItemModel.STATUS.processing,
+            "claimed_by_id": worker_id,
+            "claimed_at": now,
+            "claim_token": token,
+            "modified": now,
+        }
+        if connections[self.db].vendor == "postgresql":
+            return self._claim_in_one_statement(candidates, max_items, changes)
         with transaction.atomic(using=self.db):
-            ids = list(
-                candidates.select_for_update(skip_locked=True).values_list("pk", flat=True)[
-                    :max_items
-                ]
-            )
+            ids = list(candidates.values_list("pk", flat=True)[:max_items])
             if not ids:
                 return []
-            # Re-check the state in the UPDATE itself: on SQLite there is no row lock.
-            still = (
-                candidates.filter(pk__in=ids)
-                if not reclaim
-                else self.filter(pk__in=ids, status=WorkItemModel.STATUS.processing).exclude(
-                    claim_token=None, claimed_at=None
-                )
-            )
-            still.update(
-                status=WorkItemModel.STATUS.processing,
-                claimed_by_id=worker_id,
-                claimed_at=now,
-                claim_token=token,
-                attempts=F("attempts") + 1,
-                modified=now,
-            )
+            # Re-check the state in the UPDATE itself: SQLite has no row locks, but with
+            # IMMEDIATE transactions (see the README) the whole claim holds its write lock.
+            candidates.filter(pk__in=ids).update(attempts=F("attempts") + 1, **changes)
             # Read inside the transaction: if the connection drops before the commit, the claim
             # is rolled back instead of leaving rows claimed that nobody knows of.
             return list(
                 self.model._base_manager.using(self.db).filter(claim_token=token).order_by("pk")
             )
+
+    def _claim_in_one_statement(
+        self, candidates: WorkItemQuerySet[_W], max_items: int, changes: dict[str, Any]
+    ) -> list[_W]:
+        """PostgreSQL: ``UPDATE ... WHERE pk IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING``.
+
+        One round trip, atomic on its own: the rows are locked, re-checked and taken together.
+        """
+        connection = connections[self.db]
+        quote = connection.ops.quote_name
+        meta = self.model._meta
+        picked = candidates.values("pk")[:max_items]
+        sub_sql, sub_params = picked.query.get_compiler(using=self.db).as_sql()
+
+        def column(name: str) -> str:
+            field = meta.get_field(name)
+            assert isinstance(field, models.Field) and field.column
+            return str(quote(field.column))
+
+        assert meta.pk is not None
+        attempts = column("attempts")
+        # Only quoted identifiers of this model and Django's own compiled subquery are
+        # interpolated; every value goes through the parameters.
+        sql = (
+            f"UPDATE {quote(meta.db_table)} SET "  # noqa: S608
+            f"{', '.join(f'{column(name)} = %s' for name in changes)}, "
+            f"{attempts} = {attempts} + 1 "
+            f"WHERE {column(meta.pk.name)} IN ({sub_sql} FOR UPDATE SKIP LOCKED) RETURNING *"
+        )
+        rows = self.model._base_manager.using(self.db).raw(sql, [*changes.values(), *sub_params])
+        return sorted(rows, key=lambda row: row.pk)
 
     def fail_exhausted_abandoned(self, lease_timeout: timedelta, max_attempts: int) -> int:
         """Mark ``failed`` the abandoned rows that already used every attempt."""

@@ -141,14 +141,19 @@ def record_progress(
         counts["items_failed"] = F("items_failed") + failed
         totals["total_items_failed"] = F("total_items_failed") + failed
     with transaction.atomic():
-        if counts:
-            HandlerRun.objects.filter(pk=run_id).update(**counts)
         if status is not None:
             ending: dict[str, Any] = {"status": status, "finished_at": timezone.now()}
             if error:
                 ending["error"] = error[:MAX_MESSAGE]
-            if HandlerRun.objects.filter(pk=run_id, status=RunStatus.RUNNING).update(**ending):
+            # The usual case in one statement; a run no longer running only gets its counts.
+            if HandlerRun.objects.filter(pk=run_id, status=RunStatus.RUNNING).update(
+                **counts, **ending
+            ):
                 totals["total_runs"] = F("total_runs") + 1
+            elif counts:
+                HandlerRun.objects.filter(pk=run_id).update(**counts)
+        elif counts:
+            HandlerRun.objects.filter(pk=run_id).update(**counts)
         if failures:
             ItemFailure.objects.bulk_create(
                 ItemFailure(

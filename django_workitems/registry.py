@@ -126,6 +126,10 @@ class HandlerRegistry:
         )
         with self._lock:
             existing = self._registrations.get(name)
+            if existing == registration:
+                # ready() may run twice (tests that rebuild the app registry): the very same
+                # registration again is harmless.
+                return self
             if existing is not None:
                 raise ConfigurationError(
                     f"Handler {name!r} is already registered (by {existing.handler_class}); "

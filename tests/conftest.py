@@ -219,3 +219,14 @@ def run_in_background() -> Iterator[Callable[..., Any]]:
         service.stop()
         thread.join(60)
         assert not thread.is_alive(), "the service did not stop"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_claim_state() -> Iterator[None]:
+    """QuerySetHandler keeps per-process claim state (like a cache); each test starts clean."""
+    from django_workitems.handlers import QuerySetHandler
+
+    QuerySetHandler._next_sweep.clear()
+    QuerySetHandler._suspects.clear()
+    QuerySetHandler._unsettled.clear()
+    yield

@@ -10,6 +10,7 @@ from django.core.checks.registry import registry as check_registry
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.test import override_settings
+from django.test.utils import isolate_apps
 
 from django_workitems.checks import TAG, check_settings
 
@@ -152,3 +153,37 @@ def test_manage_py_check_shows_warnings_without_failing():
     with override_settings(WORKITEMS={"WORKRS": 4}):
         call_command("check", stdout=out, stderr=err)
     assert "django_workitems.W001" in out.getvalue() + err.getvalue()
+
+
+@isolate_apps("tests.testapp")
+def test_w002_a_work_item_model_without_the_claim_index():
+    from django.db import models
+
+    from django_workitems.checks import check_work_item_indexes
+    from django_workitems.models import WorkItemModel
+
+    class LostIndexes(WorkItemModel):
+        class Meta:  # not Meta(WorkItemModel.Meta): the inherited indexes are gone
+            app_label = "testapp"
+
+    class KeptIndexes(WorkItemModel):
+        class Meta(WorkItemModel.Meta):
+            app_label = "testapp"
+
+    class Plain(models.Model):
+        class Meta:
+            app_label = "testapp"
+
+        def __str__(self) -> str:
+            return "plain"
+
+    messages = check_work_item_indexes(models=[LostIndexes, KeptIndexes, Plain])
+
+    assert [(m.id, m.obj) for m in messages] == [("django_workitems.W002", LostIndexes)]
+    assert "testapp.LostIndexes" in messages[0].msg
+    assert "Meta(WorkItemModel.Meta)" in messages[0].hint
+
+
+def test_w002_is_registered_and_quiet_for_the_test_models():
+    ids = [m.id for m in run_checks()]
+    assert "django_workitems.W002" not in ids

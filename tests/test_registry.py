@@ -590,3 +590,12 @@ def test_registries_are_independent(reg):
     assert "h" not in other
     other.add_handler(Handler, name="h")  # no clash across registries
     assert reg.get("h") is not other.get("h")
+
+
+def test_registering_the_very_same_handler_again_is_harmless(reg):
+    # AppConfig.ready() can run twice when tests rebuild the app registry.
+    reg.add_handler(Handler, name="again", max_items_per_cycle=5)
+    assert reg.add_handler(Handler, name="again", max_items_per_cycle=5) is reg
+    with raises_config("'again'", "already registered"):
+        reg.add_handler(Handler, name="again", max_items_per_cycle=6)
+    assert reg.get("again").max_items_per_cycle == 5

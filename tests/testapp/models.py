@@ -28,7 +28,7 @@ class Task(WorkItemModel):
     action = models.CharField(max_length=20, default="ok")  # ok | fail | crash | sleep
     seconds = models.FloatField(default=0)
 
-    class Meta:
+    class Meta(WorkItemModel.Meta):
         app_label = "testapp"
 
     def __str__(self) -> str:
