@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -277,6 +278,8 @@ class WorkItemProcessingService:
         self._waiting_fetches = 0
         self._active: set[Activation] = set()
         self._lock = threading.Lock()
+        self._lease_lock = threading.Lock()  # held across the lease UPDATEs: see _take_lease
+        self._lease_holds: Counter[int] = Counter()
         self._stopping = threading.Event()
         self._keeper: threading.Thread | None = None
         self._started = False
@@ -447,9 +450,7 @@ class WorkItemProcessingService:
         reg = activation.registration
         result = activation.result
         if reg.exclusive:
-            if not recording.acquire_lease(
-                activation.handler_id, self.lease_owner, self.lease_timeout
-            ):
+            if not self._take_lease(activation.handler_id):
                 holder = recording.lease_holder(activation.handler_id)
                 result.skipped = f"another process holds its lease ({holder})"
                 logger.debug(
@@ -641,8 +642,14 @@ class WorkItemProcessingService:
         if batch is None:
             return
         result = activation.result
+        notified = False
         try:
             self._close_handler(activation)
+            # The scheduler may start the next activation while this one is being recorded:
+            # its items are all done and closed. (A lease is shared meanwhile: see _take_lease.)
+            notified = True
+            if self._on_finished is not None:
+                self._on_finished(activation)
             if result.status != RunStatus.FAILED:
                 if forced or result.cancelled:
                     result.status = RunStatus.CANCELLED
@@ -680,7 +687,7 @@ class WorkItemProcessingService:
                 )
             if activation.lease_held:
                 try:
-                    recording.release_lease(activation.handler_id, self.lease_owner)
+                    self._release_lease(activation.handler_id)
                 except Exception:
                     logger.exception(
                         "Handler %s: could not release its lease",
@@ -691,8 +698,31 @@ class WorkItemProcessingService:
             with self._lock:
                 self._active.discard(activation)
             activation.done.set()
-            if self._on_finished is not None:
+            if not notified and self._on_finished is not None:
                 self._on_finished(activation)
+
+    def _take_lease(self, handler_id: int) -> bool:
+        """Hold the handler's lease for one more activation here; False if another process has it.
+
+        Activations of one exclusive handler may overlap in this process only while the last
+        one is being recorded; the lease is released in the database when the last lets go.
+        """
+        with self._lease_lock:
+            if self._lease_holds[handler_id]:
+                self._lease_holds[handler_id] += 1
+                return True
+            if not recording.acquire_lease(handler_id, self.lease_owner, self.lease_timeout):
+                return False
+            self._lease_holds[handler_id] = 1
+            return True
+
+    def _release_lease(self, handler_id: int) -> None:
+        with self._lease_lock:
+            self._lease_holds[handler_id] -= 1
+            if self._lease_holds[handler_id] > 0:
+                return
+            del self._lease_holds[handler_id]
+            recording.release_lease(handler_id, self.lease_owner)
 
     def _close_handler(self, activation: Activation) -> None:
         if activation.handler is None:
