@@ -46,7 +46,8 @@ coverage: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	PYTHONPATH=. $(BIN)/mypy django_workitems tests
+	PYTHONPATH=. $(BIN)/mypy django_workitems tests benchmarks
+	cd example_project && PYTHONPATH=.:.. ../$(BIN)/mypy catalog example_project demo_shop.py tests
 	PYTHONPATH=. DJANGO_SETTINGS_MODULE=tests.settings $(BIN)/python -m django makemigrations --check --dry-run
 	cd example_project && env -u DATABASE_URL ../$(BIN)/python manage.py makemigrations --check --dry-run
 

@@ -43,7 +43,9 @@ class StagingBatchAdmin(admin.ModelAdmin):
         "created",
         "modified",
     ]
-    readonly_fields = [f for f in fields if f not in ("source_url", "category")]
+    readonly_fields = [
+        f for f in fields if isinstance(f, str) and f not in ("source_url", "category")
+    ]
     actions = ["queue_again"]
 
     @admin.display(description="reason")

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 
 from django.db import models
 from django.utils import timezone
@@ -65,9 +65,9 @@ class StagingBatch(WorkItemModel):
     webhook_attempts = models.PositiveSmallIntegerField(default=0)
 
     # StoreBatchHandler's name: a batch saved queued (in the admin, say) wakes the workers.
-    notify_handler = "catalog.scrape-store"
+    notify_handler: ClassVar[str | None] = "catalog.scrape-store"
 
-    objects = StagingBatchQuerySet.as_manager()
+    objects = StagingBatchQuerySet.as_manager()  # type: ignore[misc]  # django-stubs: a ClassVar
 
     class Meta(WorkItemModel.Meta):
         ordering = ["-created", "-id"]
@@ -118,7 +118,7 @@ class ProductQuerySet(models.QuerySet["Product"]):
         now = timezone.now()
         self.bulk_create(
             [
-                Product(
+                Product(  # type: ignore[misc]  # django-stubs: QuerySet["Product"] vs _Model
                     sku=r.sku,
                     name=r.name,
                     price=r.price,

@@ -91,11 +91,13 @@ class StoreBatchHandler(workitems.QuerySetHandler[StagingBatch]):
     max_pages = 100
     """A listing whose ``next`` links never end is an error, not an endless scrape."""
 
+    def retry_delay(self, attempts: int) -> float:
+        """Back-off from settings (CATALOG_SCRAPE_RETRY_BACKOFF), doubled per attempt."""
+        return float(settings.CATALOG_SCRAPE_RETRY_BACKOFF) * 2 ** max(0, attempts - 1)
+
     def __init__(self) -> None:
         super().__init__()
-        # Settings are read per activation, so override_settings works in tests. The
-        # instance attribute shadows the class default of QuerySetHandler.
-        self.retry_backoff = settings.CATALOG_SCRAPE_RETRY_BACKOFF
+        # Settings are read per activation, so override_settings works in tests.
         self.allowed_hosts = set(settings.CATALOG_SCRAPE_HOSTS)
         self.timeout = httpx.Timeout(settings.CATALOG_HTTP_TIMEOUT, connect=5.0)
         self._client: httpx.Client | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TextIO, cast
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
 
@@ -46,7 +46,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         try:
             run_demo(
-                _Stream(self.stdout),
+                cast(TextIO, _Stream(self.stdout)),  # write, flush and isatty are enough
                 shop_seed=options["seed"],
                 timeout=options["timeout"],
                 http_timeout=options["http_timeout"],
