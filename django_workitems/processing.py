@@ -8,6 +8,8 @@ Threads and who owns what:
 - every thread owns its Django connections, keeps them while work keeps coming, applies
   ``close_old_connections`` semantics after ``IDLE_AFTER`` seconds without work, and closes
   them when it exits;
+- the recorder thread writes the runs (progress and end), in order, so that no pool thread waits
+  on the database for bookkeeping;
 - a keeper thread renews the leases of exclusive handlers (and, through ``on_beat``, the
   worker's heartbeat) well inside ``LEASE_TIMEOUT``;
 - an :class:`Activation` is shared by its fetch thread and the pool threads that process its
@@ -282,6 +284,7 @@ class WorkItemProcessingService:
         self._lease_holds: Counter[int] = Counter()
         self._stopping = threading.Event()
         self._keeper: threading.Thread | None = None
+        self._recorder = Recorder()
         self._started = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -301,6 +304,7 @@ class WorkItemProcessingService:
             target=self._keep_leases, name="workitems-keeper", daemon=True
         )
         self._keeper.start()
+        self._recorder.start()
 
     def __enter__(self) -> WorkItemProcessingService:
         self.start()
@@ -345,6 +349,7 @@ class WorkItemProcessingService:
                     extra=activation.log_extra(),
                 )
                 self._finish(activation, forced=True)
+        self._recorder.stop(timeout=max(10.0, sum(RETRY_DELAYS) + 5))
         if self._keeper is not None:
             self._keeper.join(timeout=5)
 
@@ -594,17 +599,13 @@ class WorkItemProcessingService:
         if last:
             self._finish(activation)
         elif batch is not None and activation.run_id is not None:
+            run_id = activation.run_id
             succeeded, failed, failures = batch
-            try:
-                recording.record_progress(
-                    activation.run_id, succeeded=succeeded, failed=failed, failures=failures
+            self._recorder.submit(
+                lambda: recording.record_progress(
+                    run_id, succeeded=succeeded, failed=failed, failures=failures
                 )
-            except Exception:
-                logger.exception(
-                    "Handler %s: could not record progress",
-                    activation.name,
-                    extra=activation.log_extra(),
-                )
+            )
 
     def _release(self, entries: Sequence[tuple[str, Entry]]) -> None:
         """Give items that were never started back to their handlers, then count them."""
@@ -637,19 +638,17 @@ class WorkItemProcessingService:
     # -- finishing ------------------------------------------------------------------------
 
     def _finish(self, activation: Activation, *, forced: bool = False) -> None:
-        """End an activation once: ``close()`` the handler, record the run, free the lease."""
+        """End an activation once: ``close()`` the handler, then have its run recorded.
+
+        The scheduler hears of it at once, and the database writes (the run, the lease) go to
+        the recorder thread, so the pool thread that ran the last item takes the next at once.
+        """
         batch = activation.begin_finish()
         if batch is None:
             return
         result = activation.result
-        notified = False
         try:
             self._close_handler(activation)
-            # The scheduler may start the next activation while this one is being recorded:
-            # its items are all done and closed. (A lease is shared meanwhile: see _take_lease.)
-            notified = True
-            if self._on_finished is not None:
-                self._on_finished(activation)
             if result.status != RunStatus.FAILED:
                 if forced or result.cancelled:
                     result.status = RunStatus.CANCELLED
@@ -657,6 +656,19 @@ class WorkItemProcessingService:
                     result.status = RunStatus.PARTIAL
                 else:
                     result.status = RunStatus.SUCCEEDED
+        finally:
+            # The next activation may start while this one is recorded: its items are all
+            # done and closed. (Its lease, if any, is shared meanwhile: see _take_lease.)
+            if self._on_finished is not None:
+                self._on_finished(activation)
+            self._recorder.submit(lambda: self._record_end(activation, batch))
+
+    def _record_end(
+        self, activation: Activation, batch: tuple[int, int, list[FailureRecord]]
+    ) -> None:
+        """On the recorder thread: write the run's end, free the lease, mark the activation done."""
+        result = activation.result
+        try:
             if activation.run_id is not None:
                 succeeded, failed, failures = batch
                 run_id = activation.run_id
@@ -698,8 +710,6 @@ class WorkItemProcessingService:
             with self._lock:
                 self._active.discard(activation)
             activation.done.set()
-            if not notified and self._on_finished is not None:
-                self._on_finished(activation)
 
     def _take_lease(self, handler_id: int) -> bool:
         """Hold the handler's lease for one more activation here; False if another process has it.
@@ -760,6 +770,52 @@ class WorkItemProcessingService:
                     release_connections(idle=True)
         finally:
             connections.close_all()
+
+
+class Recorder:
+    """One thread that writes runs in the order they are handed over, off the pool's back."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="workitems-recorder", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Callable[[], object]) -> None:
+        if self._thread.is_alive():
+            self._jobs.put(job)
+        else:  # not started, or stopped: write in the calling thread
+            self._do(job)
+
+    def stop(self, timeout: float) -> None:
+        """Write what was handed over (for up to ``timeout`` seconds), then stop."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    job = self._jobs.get(timeout=IDLE_AFTER)
+                except queue.Empty:
+                    release_connections(idle=True)
+                    job = self._jobs.get()
+                if job is None:
+                    break
+                self._do(job)
+        finally:
+            connections.close_all()
+
+    @staticmethod
+    def _do(job: Callable[[], object]) -> None:
+        try:
+            job()
+        except Exception:
+            logger.exception("Recording a run failed")
+        finally:
+            release_connections(idle=False)
 
 
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
