@@ -772,11 +772,19 @@ class WorkItemProcessingService:
             connections.close_all()
 
 
+RECORDER_BACKLOG = 32
+"""Runs waiting to be written before a finishing activation waits for the recorder.
+
+The bound is the back-pressure that keeps memory flat when activations end faster than the
+database takes their runs: each waiting run holds its activation's handler and results.
+"""
+
+
 class Recorder:
     """One thread that writes runs in the order they are handed over, off the pool's back."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
+        self._jobs: queue.Queue[Callable[[], object] | None] = queue.Queue(RECORDER_BACKLOG)
         self._thread = threading.Thread(target=self._run, name="workitems-recorder", daemon=True)
 
     def start(self) -> None:
@@ -791,8 +799,12 @@ class Recorder:
     def stop(self, timeout: float) -> None:
         """Write what was handed over (for up to ``timeout`` seconds), then stop."""
         if self._thread.is_alive():
-            self._jobs.put(None)
-            self._thread.join(timeout)
+            deadline = time.monotonic() + timeout
+            try:
+                self._jobs.put(None, timeout=timeout)
+            except queue.Full:
+                return
+            self._thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         try:
