@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from .conf import app_settings
 from .handlers import CancellationToken, Purpose, WorkItemHandler
-from .models import HandlerRun, HandlerRunQuerySet
+from .models import HandlerRun, HandlerRunQuerySet, Worker
 from .registry import HandlerRegistry
 from .registry import registry as default_registry
 
@@ -37,6 +37,8 @@ class PruneRunsHandler(WorkItemHandler[ExpiredRuns]):
     Each work item is a batch of at most ``batch_size`` runs, deleted by a few statements
     bounded by that size, so pruning a long history never takes one giant delete (nor its
     locks). The handlers' all-time totals live on the ``Handler`` rows and are not touched.
+    Worker rows silent for longer than the retention are forgotten too (every process start
+    adds one), so looking for the claims of dead workers stays cheap.
     """
 
     batch_size = 500
@@ -67,6 +69,18 @@ class PruneRunsHandler(WorkItemHandler[ExpiredRuns]):
             deleted,
             extra={"handler": PRUNE_RUNS_HANDLER, "work_item_id": item.id},
         )
+
+    def close(self) -> None:
+        """Also forget workers silent for longer than the retention (one bounded delete)."""
+        silent = list(
+            Worker.objects.filter(last_heartbeat_at__lt=self.now - self.retention).values_list(
+                "pk", flat=True
+            )[: self.batch_size]
+        )
+        if silent:
+            # Their runs keep their history (worker set to NULL), as do rows they once claimed.
+            Worker.objects.filter(pk__in=silent).delete()
+            logger.info("Forgot %d workers silent for over %s", len(silent), self.retention)
 
     def backlog(self) -> int:
         return self._expired().count()

@@ -224,3 +224,22 @@ def test_sync_does_not_reset_the_totals():
     sync_handlers(default_registry)
     jobs.refresh_from_db()
     assert (jobs.total_runs, jobs.total_items_succeeded) == (9, 90)
+
+
+@pytest.mark.django_db
+def test_workers_silent_for_longer_than_the_retention_are_forgotten():
+    from django_workitems.models import Worker
+    from tests.factories import WorkerFactory
+    from tests.testapp.models import Task
+
+    old = WorkerFactory(last_heartbeat_at=timezone.now() - RETENTION - timedelta(days=1))
+    recent = WorkerFactory(last_heartbeat_at=timezone.now() - timedelta(days=1))
+    run = aged(40, worker=old)
+    task = Task.objects.create(status="failed", claimed_by=old)
+
+    run_handler(PruneRunsHandler)
+
+    assert list(Worker.objects.all()) == [recent]
+    assert not HandlerRun.objects.filter(pk=run.pk).exists()  # pruned as before
+    task.refresh_from_db()
+    assert task.claimed_by is None and task.status == "failed"  # the row itself is kept
