@@ -38,7 +38,7 @@ from .processing import (
 )
 from .registry import HandlerRegistry, Registration
 from .registry import registry as default_registry
-from .scheduling import Scheduler, fair_shares
+from .scheduling import Scheduler
 
 logger = logging.getLogger("django_workitems.background")
 
@@ -275,38 +275,24 @@ class BackgroundProcessingService:
 
     def run_once(self) -> CycleResult:
         """One cycle of the selected handlers: fetch each once, process everything fetched."""
-        result = CycleResult()
-        activations: list[Activation] = []
+        skipped: dict[str, ActivationResult] = {}
         try:
             # One cycle: nothing to wake up for, so no LISTEN connection to open and close.
             with self._session(listen=False) as service:
                 states = recording.handler_states(r.name for r in self.registrations)
-                plan: list[tuple[Registration, int]] = []
+                handlers = []
                 for reg in self.registrations:
                     state = states.get(reg.name)
                     if state is None or not state.is_enabled:
-                        result.handlers[reg.name] = ActivationResult(reg.name, skipped="disabled")
+                        skipped[reg.name] = ActivationResult(reg.name, skipped="disabled")
                     else:
-                        plan.append((reg, reg.max_items_per_cycle))
-                asks = fair_shares(service.queue_size, [want for _, want in plan])
-                for (reg, _), ask in zip(plan, asks, strict=True):
-                    activation = None
-                    if ask:
-                        activation = service.activate(
-                            reg, handler_id=states[reg.name].handler_id, max_items=ask
-                        )
-                    if activation is None:
-                        result.handlers[reg.name] = ActivationResult(
-                            reg.name, skipped="no room in the channel"
-                        )
-                    else:
-                        activations.append(activation)
-                while not self._stop_requested and not all(a.done.is_set() for a in activations):
-                    self._waker.wait(REFRESH_INTERVAL)
+                        handlers.append((reg, state.handler_id))
+                result = service.run_cycle(
+                    handlers, stopped=lambda: self._stop_requested, wait=self._waker.wait
+                )
         finally:
             self._waker.close()
-        for activation in activations:
-            result.handlers[activation.name] = activation.result
+        result.handlers.update(skipped)
         return CycleResult(dict(sorted(result.handlers.items())))
 
     def _refresh(

@@ -50,6 +50,7 @@ from .log import log_context
 from .models import RunStatus
 from .recording import FailureRecord
 from .registry import Registration
+from .scheduling import fair_shares
 
 logger = logging.getLogger("django_workitems.processing")
 
@@ -244,8 +245,8 @@ class WorkItemProcessingService:
     """Runs activations of handlers: parallel fetches, a fair bounded channel, a thread pool.
 
     ``run_cycle`` runs one cycle (fetch all, process everything fetched) and returns its
-    result; :class:`~django_workitems.background.BackgroundProcessingService` drives it on a
-    schedule through ``activate``.
+    result; :class:`~django_workitems.background.BackgroundProcessingService` drives it, or
+    schedules single activations through ``activate``.
     """
 
     def __init__(
@@ -410,17 +411,40 @@ class WorkItemProcessingService:
         finally:
             connections.close_all()
 
-    def run_cycle(self, plan: Sequence[tuple[Registration, int, int]]) -> list[Activation]:
-        """Activate every (registration, handler_id, max_items) of ``plan`` and wait for all."""
+    def run_cycle(
+        self,
+        handlers: Sequence[tuple[Registration, int]],
+        *,
+        stopped: Callable[[], bool] = lambda: False,
+        wait: Callable[[float], None] | None = None,
+    ) -> CycleResult:
+        """One cycle: fetch each (registration, handler row id) once, process all it fetched.
+
+        The fetches run in parallel, each asked for its fair share of the channel. Returns when
+        every activation has ended, or when ``stopped()`` says so (``wait`` blocks between
+        checks; by default it waits on the activations themselves).
+        """
         self.start()
-        activations = [
-            a
-            for reg, handler_id, max_items in plan
-            if (a := self.activate(reg, handler_id=handler_id, max_items=max_items)) is not None
-        ]
+        result = CycleResult()
+        asks = fair_shares(self.queue_size, [reg.max_items_per_cycle for reg, _ in handlers])
+        activations = []
+        for (reg, handler_id), ask in zip(handlers, asks, strict=True):
+            activation = self.activate(reg, handler_id=handler_id, max_items=ask) if ask else None
+            if activation is None:
+                result.handlers[reg.name] = ActivationResult(reg.name, skipped="no room")
+            else:
+                activations.append(activation)
+        while not stopped():
+            pending = [a for a in activations if not a.done.is_set()]
+            if not pending:
+                break
+            if wait is not None:
+                wait(1.0)
+            else:
+                pending[0].done.wait(1.0)
         for activation in activations:
-            activation.done.wait()
-        return activations
+            result.handlers[activation.name] = activation.result
+        return result
 
     def _fetch(self, activation: Activation) -> None:
         """The fetch thread: every path reports the fetch and, if nothing was queued, finishes."""
