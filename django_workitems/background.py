@@ -387,10 +387,9 @@ def notify(name: str, *, registry: HandlerRegistry | None = None) -> None:
     """Ask running workers to activate handler ``name`` now."""
     registry = registry if registry is not None else default_registry
     registry.get(name)  # an unknown name is an error here, not a silent no-op
-    if not recording.request_run(name):
+    if not recording.request_run(name):  # no row yet: no worker has started since it was added
         recording.sync_handlers(registry)
         recording.request_run(name)
-    wakeups.send(name)
 
 
 def resident_memory_mb() -> float:

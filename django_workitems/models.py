@@ -375,16 +375,14 @@ class WorkItemModel(TimeStampedModel):
         name = self.notify_handler
         if name and self.status == self.STATUS.queued:
             using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
-            transaction.on_commit(lambda: wake_handler(name, using=using), using=using)
+            transaction.on_commit(lambda: _request_run(name, using), using=using)
 
     def outcome_filter(self) -> Q:
         """Rows this claim still holds: the fence for writing an outcome."""
         return Q(pk=self.pk, claim_token=self.claim_token, status=self.STATUS.processing)
 
 
-def wake_handler(name: str, using: str = "default") -> None:
-    """Ask running workers to activate ``name`` now, without checking the registry."""
-    from . import wakeups
+def _request_run(name: str, using: str) -> None:
+    from .recording import request_run  # recording imports this module
 
-    Handler.objects.using(using).filter(name=name).update(run_requested_at=timezone.now())
-    wakeups.send(name, using=using)
+    request_run(name, using=using)

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import transaction
+from django.db import DEFAULT_DB_ALIAS, transaction
 from django.db.models import F, Q, Subquery
 from django.utils import timezone
 
+from . import wakeups
 from .models import Handler, HandlerRun, ItemFailure, RunStatus, Worker, lease_is_free
 from .registry import Registration
 
@@ -89,9 +90,16 @@ def handler_states(names: Iterable[str]) -> dict[str, HandlerState]:
     }
 
 
-def request_run(name: str) -> bool:
-    """Set ``run_requested_at`` on the named handler; False when there is no such row."""
-    return Handler.objects.filter(name=name).update(run_requested_at=timezone.now()) == 1
+def request_run(name: str, using: str = DEFAULT_DB_ALIAS) -> bool:
+    """Ask running workers to activate ``name`` now; False when it has no ``Handler`` row.
+
+    Sets ``run_requested_at`` (workers read it within a second) and, on PostgreSQL, sends the
+    ``NOTIFY`` that wakes them at once.
+    """
+    updated = Handler.objects.using(using).filter(name=name).update(run_requested_at=timezone.now())
+    if updated:
+        wakeups.send(name, using=using)
+    return updated == 1
 
 
 def create_run(
