@@ -85,6 +85,10 @@ def _duration_or_zero(value: object) -> timedelta:
     return parse_duration(value, allow_zero=True)
 
 
+def _duration_or_none(value: object) -> timedelta | None:
+    return None if value is None else parse_duration(value)
+
+
 @dataclass(frozen=True)
 class SettingSpec:
     """One key of ``WORKITEMS``: its default, its parser and its system check id."""
@@ -102,6 +106,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("SHUTDOWN_TIMEOUT", "00:00:30", _duration_or_zero, "django_workitems.E005"),
     SettingSpec("LEASE_TIMEOUT", "00:01:00", _duration, "django_workitems.E006"),
     SettingSpec("RUN_RETENTION", "30.00:00:00", _duration, "django_workitems.E007"),
+    SettingSpec("ITEM_TIMEOUT", "01:00:00", _duration_or_none, "django_workitems.E008"),
+    SettingSpec("FETCH_TIMEOUT", "00:05:00", _duration_or_none, "django_workitems.E009"),
+    SettingSpec("ASYNC_CONCURRENCY", 100, _positive_int, "django_workitems.E010"),
 )
 _BY_KEY = {spec.key: spec for spec in SETTINGS}
 
@@ -175,6 +182,21 @@ class WorkItemsSettings:
     def run_retention(self) -> timedelta:
         """Run history older than this is pruned."""
         return self._get("RUN_RETENTION")  # type: ignore[no-any-return]
+
+    @property
+    def item_timeout(self) -> timedelta | None:
+        """How long one ``process`` call may take before it is given up (None: never)."""
+        return self._get("ITEM_TIMEOUT")  # type: ignore[no-any-return]
+
+    @property
+    def fetch_timeout(self) -> timedelta | None:
+        """How long one ``fetch_next`` call may take before it is given up (None: never)."""
+        return self._get("FETCH_TIMEOUT")  # type: ignore[no-any-return]
+
+    @property
+    def async_concurrency(self) -> int:
+        """Async items running at once on the process's event loop."""
+        return self._get("ASYNC_CONCURRENCY")  # type: ignore[no-any-return]
 
     def problems(self) -> list[SettingProblem]:
         """Every invalid entry of ``settings.WORKITEMS`` (empty when all is well)."""

@@ -95,6 +95,18 @@ class Handler(TimeStampedModel):
     run_requested_at = models.DateTimeField(_("run requested at"), null=True, blank=True)
     lease_owner = models.CharField(_("lease owner"), max_length=100, blank=True, default="")
     lease_expires_at = models.DateTimeField(_("lease expires at"), null=True, blank=True)
+    last_checked_at = models.DateTimeField(
+        _("last checked at"),
+        null=True,
+        blank=True,
+        help_text=_("The last fetch of this handler, even one that found nothing."),
+    )
+    next_slot_at = models.DateTimeField(
+        _("next slot at"),
+        null=True,
+        blank=True,
+        help_text=_("Scheduled handlers: the next cron slot no worker has taken yet."),
+    )
     # All-time figures, added to as runs progress and finish, so they survive run pruning.
     total_runs = models.PositiveBigIntegerField(
         _("total runs"), default=0, help_text=_("Runs finished by a worker, all time.")

@@ -31,6 +31,14 @@ class Registration:
     exclusive: bool
     poll_interval: timedelta | None
     max_concurrency: int | None
+    item_timeout: timedelta | None = None
+    """How long one ``process`` call may take; None: the ``ITEM_TIMEOUT`` setting."""
+    fetch_timeout: timedelta | None = None
+    """How long one ``fetch_next`` call may take; None: the ``FETCH_TIMEOUT`` setting."""
+    schedule: str | None = None
+    """A cron expression: the handler is due once per slot instead of every poll interval."""
+    schedule_catch_up: timedelta | None = None
+    """How old a missed slot may be and still run at start; None: one slot period."""
 
     @property
     def handler_class(self) -> str:
@@ -40,6 +48,16 @@ class Registration:
     def effective_poll_interval(self) -> timedelta:
         """The handler's own poll interval, or the global ``POLL_INTERVAL``."""
         return self.poll_interval if self.poll_interval is not None else app_settings.poll_interval
+
+    def effective_item_timeout(self) -> timedelta | None:
+        """The handler's own ``item_timeout``, or ``ITEM_TIMEOUT`` (None: never)."""
+        return self.item_timeout if self.item_timeout is not None else app_settings.item_timeout
+
+    def effective_fetch_timeout(self) -> timedelta | None:
+        """The handler's own ``fetch_timeout``, or ``FETCH_TIMEOUT`` (None: never)."""
+        if self.fetch_timeout is not None:
+            return self.fetch_timeout
+        return app_settings.fetch_timeout
 
     def create_handler(self) -> WorkItemHandler[Any]:
         """A fresh handler instance for one activation."""
@@ -113,6 +131,10 @@ class HandlerRegistry:
         exclusive: bool | None = None,
         poll_interval: timedelta | str | float | None = None,
         max_concurrency: int | None = None,
+        item_timeout: timedelta | str | float | None = None,
+        fetch_timeout: timedelta | str | float | None = None,
+        schedule: str | None = None,
+        schedule_catch_up: timedelta | str | float | None = None,
     ) -> Self:
         """Register a handler class (or zero-argument factory); returns the registry to chain."""
         registration = self._validate(
@@ -123,6 +145,10 @@ class HandlerRegistry:
             exclusive=exclusive,
             poll_interval=poll_interval,
             max_concurrency=max_concurrency,
+            item_timeout=item_timeout,
+            fetch_timeout=fetch_timeout,
+            schedule=schedule,
+            schedule_catch_up=schedule_catch_up,
         )
         with self._lock:
             existing = self._registrations.get(name)
@@ -148,6 +174,10 @@ class HandlerRegistry:
         exclusive: Any,
         poll_interval: Any,
         max_concurrency: Any,
+        item_timeout: Any = None,
+        fetch_timeout: Any = None,
+        schedule: Any = None,
+        schedule_catch_up: Any = None,
     ) -> Registration:
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise ConfigurationError(
@@ -205,6 +235,24 @@ class HandlerRegistry:
                 f"Handler {name!r}: max_concurrency must be None or an int >= 1, "
                 f"got {max_concurrency!r}."
             )
+        timeouts: dict[str, timedelta | None] = {}
+        for option, value in (
+            ("item_timeout", item_timeout),
+            ("fetch_timeout", fetch_timeout),
+            ("schedule_catch_up", schedule_catch_up),
+        ):
+            timeouts[option] = None
+            if value is not None:
+                try:
+                    timeouts[option] = parse_duration(value)
+                except ValueError as exc:
+                    raise ConfigurationError(
+                        f"Handler {name!r}: {option} {value!r} {exc}."
+                    ) from None
+        if schedule is not None and not isinstance(schedule, str):
+            raise ConfigurationError(
+                f"Handler {name!r}: schedule must be a cron expression string, got {schedule!r}."
+            )
         return Registration(
             name=name,
             factory=handler,
@@ -213,6 +261,10 @@ class HandlerRegistry:
             exclusive=exclusive,
             poll_interval=interval,
             max_concurrency=max_concurrency,
+            item_timeout=timeouts["item_timeout"],
+            fetch_timeout=timeouts["fetch_timeout"],
+            schedule=schedule,
+            schedule_catch_up=timeouts["schedule_catch_up"],
         )
 
     def get(self, name: str) -> Registration:
@@ -277,6 +329,10 @@ def add_handler(
     exclusive: bool | None = None,
     poll_interval: timedelta | str | float | None = None,
     max_concurrency: int | None = None,
+    item_timeout: timedelta | str | float | None = None,
+    fetch_timeout: timedelta | str | float | None = None,
+    schedule: str | None = None,
+    schedule_catch_up: timedelta | str | float | None = None,
 ) -> HandlerRegistry:
     """Register a handler in the default registry; returns it, so calls chain."""
     return registry.add_handler(
@@ -287,6 +343,10 @@ def add_handler(
         exclusive=exclusive,
         poll_interval=poll_interval,
         max_concurrency=max_concurrency,
+        item_timeout=item_timeout,
+        fetch_timeout=fetch_timeout,
+        schedule=schedule,
+        schedule_catch_up=schedule_catch_up,
     )
 
 
