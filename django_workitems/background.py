@@ -25,7 +25,7 @@ from typing import Any
 
 from django.db import DatabaseError, connections
 
-from . import recording, wakeups
+from . import health, metrics, recording, wakeups
 from .conf import app_settings
 from .handlers import CancellationToken, Purpose
 from .models import Worker
@@ -108,6 +108,8 @@ class BackgroundProcessingService:
         install_signal_handlers: bool = False,
         max_cycles: int | None = None,
         max_memory_mb: float | None = None,
+        health_file: str | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         self.registry = registry if registry is not None else default_registry
         self.registrations: list[Registration] = self.registry.select(handlers, purpose)
@@ -116,6 +118,10 @@ class BackgroundProcessingService:
         self.install_signal_handlers = install_signal_handlers
         self.max_cycles = max_cycles
         self.max_memory_mb = max_memory_mb
+        self.health_file = health_file
+        """Touched by the loop at least once a second (``runworkitems --health-file``)."""
+        self.metrics_port = metrics_port
+        """Port of this process's Prometheus metrics (``runworkitems --metrics-port``)."""
         self.worker: Worker | None = None
         self._waker: Waker = _NoWaker()  # the real one (a socket pair) exists while running
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -192,6 +198,9 @@ class BackgroundProcessingService:
             listener = wakeups.Listener(lambda name: self._post("request", name))
         restore = self._install_signals()
         try:
+            if self.metrics_port is not None:
+                metrics.serve(self.metrics_port)
+            metrics.set_worker_up(True)
             if listener is not None:
                 listener.start()
             recording.abandon_runs_of_dead_workers(lease_timeout)
@@ -207,6 +216,7 @@ class BackgroundProcessingService:
             yield service
         finally:
             logger.info("Worker %s stopping", self.worker)
+            metrics.set_worker_up(False)
             if listener is not None:
                 listener.stop()
             service.stop(shutdown_timeout, abort=self._check_force_exit)
@@ -252,6 +262,8 @@ class BackgroundProcessingService:
                         states = self._refresh(scheduler, states)
                         next_refresh = now + REFRESH_INTERVAL
                         self._check_memory()
+                        if self.health_file is not None:
+                            health.touch_liveness_file(self.health_file)
                     self._apply_events(scheduler, now)
                     if self._recycling:
                         if not scheduler.busy():

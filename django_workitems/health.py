@@ -152,6 +152,13 @@ def _seconds(value: timedelta) -> float:
     return round(value.total_seconds(), 3)
 
 
+def touch_liveness_file(path: str) -> None:
+    """Mark this process alive for a probe that needs no database (``--health-file``).
+
+    (Implementation pending: the loop calls this at least once a second.)
+    """
+
+
 def check_health(*, detail: bool = True, registry: HandlerRegistry | None = None) -> HealthReport:
     """Build the report; with ``detail``, also list workers and handlers and read backlogs.
 

@@ -4,20 +4,29 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('django_workitems', '0002_handler_totals'),
+        ("django_workitems", "0002_handler_totals"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='handler',
-            name='last_checked_at',
-            field=models.DateTimeField(blank=True, help_text='The last fetch of this handler, even one that found nothing.', null=True, verbose_name='last checked at'),
+            model_name="handler",
+            name="last_checked_at",
+            field=models.DateTimeField(
+                blank=True,
+                help_text="The last fetch of this handler, even one that found nothing.",
+                null=True,
+                verbose_name="last checked at",
+            ),
         ),
         migrations.AddField(
-            model_name='handler',
-            name='next_slot_at',
-            field=models.DateTimeField(blank=True, help_text='Scheduled handlers: the next cron slot no worker has taken yet.', null=True, verbose_name='next slot at'),
+            model_name="handler",
+            name="next_slot_at",
+            field=models.DateTimeField(
+                blank=True,
+                help_text="Scheduled handlers: the next cron slot no worker has taken yet.",
+                null=True,
+                verbose_name="next slot at",
+            ),
         ),
     ]
