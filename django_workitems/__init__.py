@@ -15,7 +15,7 @@ from .handlers import CancellationToken, Purpose, QuerySetHandler, WorkItem, Wor
 from .registry import HandlerRegistry, Registration, add_handler, get_handlers, registry
 
 if TYPE_CHECKING:
-    from .processing import CycleResult
+    from .activation import CycleResult
 
 try:
     __version__ = version("django-workitems")

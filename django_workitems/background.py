@@ -1,10 +1,15 @@
-"""BackgroundProcessingService: runs cycles on the poll interval until it is stopped.
+"""BackgroundProcessingService: runs activations on their poll intervals until it is stopped.
 
 The coordinator (the thread that calls :meth:`BackgroundProcessingService.run`, the main
-thread under ``runworkitems``) owns the scheduler. Other threads never touch it: they post
-events to a queue and wake the coordinator through a socket pair, which is also where the
-operating system writes on SIGTERM/SIGINT (``signal.set_wakeup_fd``), so the signal handlers
-only set flags and the coordinator still reacts at once.
+thread under ``runworkitems``) owns the scheduler and drives the processing service; it never
+waits on the database, so a database that is down or a connection that hangs cannot keep it
+from reacting to a signal. Other threads tell it things by posting events and waking it
+through a socket pair, which is also where the operating system writes on SIGTERM/SIGINT
+(``signal.set_wakeup_fd``): the signal handlers only set flags.
+
+- the watcher thread reads the handler rows every second (enabled flags, run requests);
+- the listener thread (PostgreSQL) turns ``NOTIFY`` into requests within milliseconds;
+- the lease keeper heartbeats and, when it finds a dead worker, asks for its handlers.
 """
 
 from __future__ import annotations
@@ -19,23 +24,19 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
 from typing import Any
 
-from django.db import DatabaseError, connections
+from django.db import DatabaseError
 
-from . import health, metrics, recording, wakeups
+from . import health, hygiene, metrics, recording, wakeups
+from .activation import ActivationResult, CycleResult
 from .conf import app_settings
 from .handlers import CancellationToken, Purpose
 from .models import Worker
-from .processing import (
-    Activation,
-    ActivationResult,
-    CycleResult,
-    WorkItemProcessingService,
-    release_connections,
-)
+from .processing import WorkItemProcessingService
 from .registry import HandlerRegistry, Registration
 from .registry import registry as default_registry
 from .scheduling import Scheduler
@@ -44,6 +45,16 @@ logger = logging.getLogger("django_workitems.background")
 
 REFRESH_INTERVAL = 1.0
 """Seconds between reads of the handler rows (enabled flags and run requests)."""
+
+PROGRESS_INTERVAL = 5.0
+"""Seconds between progress lines of ``runworkitems --drain``."""
+
+EXIT_RECYCLE = 3
+"""Exit status of a worker that stopped because too many of its threads hung."""
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
 class Waker:
@@ -77,25 +88,56 @@ class Waker:
         self._write.close()
 
 
-class _NoWaker(Waker):
-    """Stands in before the service runs: waking it does nothing, and nothing is opened."""
+@dataclass(frozen=True)
+class _Request:
+    name: str
 
-    def __init__(self) -> None:
-        pass
 
-    def wake(self) -> None:
-        pass
+@dataclass(frozen=True)
+class _States:
+    states: dict[str, recording.HandlerState]
 
-    def close(self) -> None:
-        pass
+
+class HandlerWatcher:
+    """A thread that reads the handler rows every second and posts them to the coordinator."""
+
+    def __init__(self, names: list[str], post: Any) -> None:
+        self._names = names
+        self._post = post
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="workitems-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        failing = False
+        try:
+            while True:
+                try:
+                    self._post(_States(recording.handler_states(self._names)))
+                    if failing:
+                        logger.warning("The handler rows can be read again")
+                    failing = False
+                except DatabaseError:
+                    if not failing:
+                        logger.warning("Could not read the handler rows; retrying", exc_info=True)
+                    failing = True
+                    hygiene.close_all()
+                finally:
+                    hygiene.after_work(idle=False)
+                if self._stop.wait(REFRESH_INTERVAL):
+                    return
+        finally:
+            hygiene.close_all()
 
 
 class BackgroundProcessingService:
-    """Drives the selected handlers until :meth:`stop` (or SIGTERM/SIGINT).
-
-    Each pass of the loop applies finished fetches and activations to the scheduler, reads
-    the handler rows at most once a second, and starts the fetches the scheduler asks for.
-    """
+    """Drives the selected handlers until :meth:`stop` (or SIGTERM/SIGINT)."""
 
     def __init__(
         self,
@@ -123,8 +165,10 @@ class BackgroundProcessingService:
         self.metrics_port = metrics_port
         """Port of this process's Prometheus metrics (``runworkitems --metrics-port``)."""
         self.worker: Worker | None = None
-        self._waker: Waker = _NoWaker()  # the real one (a socket pair) exists while running
-        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.exit_code = 0
+        """0, or ``EXIT_RECYCLE`` when the worker stopped because too many threads hung."""
+        self._waker: Waker | None = None
+        self._events: queue.SimpleQueue[_Request | _States] = queue.SimpleQueue()
         self._cycles = 0
         self._recycling = False
         self._stop_requested = False
@@ -139,11 +183,15 @@ class BackgroundProcessingService:
     def stop(self) -> None:
         """Ask the loop to shut down (thread-safe)."""
         self._stop_requested = True
-        self._waker.wake()
+        self._wake()
 
     def wake(self) -> None:
-        """Re-read the handler rows now instead of within a second (thread-safe)."""
-        self._waker.wake()
+        """Wake the loop now (thread-safe)."""
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waker is not None:
+            self._waker.wake()
 
     @property
     def started(self) -> threading.Event:
@@ -164,38 +212,39 @@ class BackgroundProcessingService:
             os._exit(130)
         return False
 
+    def _take_over(self, names: list[str]) -> None:
+        """A dead worker's runs were abandoned: run its handlers here at once."""
+        for name in names:
+            self._post(_Request(name))
+
+    def _post(self, event: _Request | _States) -> None:
+        self._events.put(event)
+        self._wake()
+
     # -- running ------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _session(self, *, listen: bool = True) -> Iterator[WorkItemProcessingService]:
-        """Sync handlers, register the worker, run the pool; always shut down cleanly."""
-        recording.sync_handlers(self.registry)
-        self._waker = Waker()
-        self.worker = recording.register_worker()
-        worker_id = self.worker.pk
+        """Sync handlers, register the worker, run the pool; always shut down in bounded time."""
         lease_timeout = app_settings.lease_timeout
         shutdown_timeout = app_settings.shutdown_timeout.total_seconds()
-
-        def beat() -> None:
-            recording.heartbeat(worker_id)
-            abandoned = recording.abandon_runs_of_dead_workers(lease_timeout)
-            if abandoned:
-                logger.warning("Marked %d runs of dead workers abandoned", abandoned)
-
+        hygiene.apply_connection_timeouts(lease_timeout.total_seconds())
+        recording.sync_handlers(self.registry)
+        self.worker = recording.register_worker()
+        self._waker = Waker()
         service = WorkItemProcessingService(
             workers=self.workers,
-            worker_id=worker_id,
+            worker_id=self.worker.pk,
             lease_owner=self.worker.lease_owner,
             cancel=self._token,
-            on_fetched=lambda a: self._post("fetched", a),
-            on_finished=lambda a: self._post("finished", a),
-            on_room=self._waker.wake,
-            on_beat=beat,
+            waker=self._waker,
+            on_dead_workers=self._take_over,
         )
         self._service = service
         listener = None
         if listen and wakeups.Listener.supported():
-            listener = wakeups.Listener(lambda name: self._post("request", name))
+            listener = wakeups.Listener(lambda name: self._post(_Request(name)))
+        watcher = None
         restore = self._install_signals()
         try:
             if self.metrics_port is not None:
@@ -205,12 +254,15 @@ class BackgroundProcessingService:
                 listener.start()
             recording.abandon_runs_of_dead_workers(lease_timeout)
             service.start()
+            if listen:
+                watcher = HandlerWatcher([r.name for r in self.registrations], self._post)
+                watcher.start()
             self._started.set()
             logger.info(
-                "Worker %s started: %d handlers, %d threads, queue of %d",
+                "Worker %s started: %s, %s, queue of %d",
                 self.worker,
-                len(self.registrations),
-                service.workers,
+                _plural(len(self.registrations), "handler"),
+                _plural(service.workers, "thread"),
                 service.queue_size,
             )
             yield service
@@ -218,23 +270,21 @@ class BackgroundProcessingService:
             logger.info("Worker %s stopping", self.worker)
             metrics.set_worker_up(False)
             if listener is not None:
-                listener.stop()
+                listener.stop(timeout=2.0)
+            if watcher is not None:
+                watcher.stop()
             service.stop(shutdown_timeout, abort=self._check_force_exit)
-            try:
-                recording.stop_worker(worker_id)
-            except DatabaseError:
-                logger.exception("Could not record the stop of worker %s", self.worker)
             restore()
             logger.info("Worker %s stopped", self.worker)
-
-    def _post(self, kind: str, subject: Any) -> None:
-        self._events.put((kind, subject))
-        self._waker.wake()
+            self._waker.close()
+            self._waker = None
+            hygiene.close_all()
 
     def _install_signals(self) -> Any:
         if (
             not self.install_signal_handlers
             or threading.current_thread() is not threading.main_thread()
+            or self._waker is None
         ):
             return lambda: None
         previous = {
@@ -253,94 +303,74 @@ class BackgroundProcessingService:
         """Run until stopped: every handler is due at start, then on its poll interval."""
         scheduler = Scheduler(self.registrations, poll_interval=self.poll_interval)
         states: dict[str, recording.HandlerState] = {}
-        try:
-            with self._session() as service:
-                next_refresh = 0.0
-                while not self._stop_requested:
-                    now = time.monotonic()
-                    if now >= next_refresh:
-                        states = self._refresh(scheduler, states)
-                        next_refresh = now + REFRESH_INTERVAL
-                        self._check_memory()
-                        if self.health_file is not None:
-                            health.touch_liveness_file(self.health_file)
-                    self._apply_events(scheduler, now)
-                    if self._recycling:
-                        if not scheduler.busy():
-                            logger.info(
-                                "Worker %s: recycling after %d cycles", self.worker, self._cycles
-                            )
-                            break
-                    elif self._start_due(service, scheduler, states, now):
-                        self._cycles += 1
-                        if self.max_cycles is not None and self._cycles >= self.max_cycles:
-                            self._recycling = True  # let this cycle finish, then stop
-                    until_due = scheduler.seconds_until_due(now)
-                    timeout = next_refresh - now
-                    if until_due is not None:
-                        timeout = min(timeout, until_due)
-                    self._waker.wait(max(0.0, timeout))
-        finally:
-            self._waker.close()
-            # This thread is the worker's coordinator: nobody else uses its connections.
-            connections.close_all()
+        with self._session() as service:
+            next_memory_check = 0.0
+            while not self._stop_requested:
+                now = time.monotonic()
+                states = self._apply_events(scheduler, states)
+                step = service.step()
+                for activation in step.fetching_ended:
+                    scheduler.fetching_ended(
+                        activation.name,
+                        drained=activation.drained,
+                        failed=activation.result().fetch_failed,
+                        now=now,
+                        hold=activation.hold,
+                    )
+                for activation in step.finished:
+                    scheduler.finished(activation.name)
+                if now >= next_memory_check:
+                    next_memory_check = now + REFRESH_INTERVAL
+                    self._check_memory()
+                    if self.health_file is not None:
+                        health.touch_liveness_file(self.health_file)
+                if service.exhausted:
+                    logger.error(
+                        "Worker %s: %s given up on hung calls, more than WORKERS (%d); "
+                        "stopping so that a fresh process takes over",
+                        self.worker,
+                        _plural(service.given_up, "thread"),
+                        service.workers,
+                    )
+                    self.exit_code = EXIT_RECYCLE
+                    break
+                if self._recycling:
+                    if not scheduler.busy():
+                        logger.info(
+                            "Worker %s: recycling after %d cycles", self.worker, self._cycles
+                        )
+                        break
+                elif self._start_due(service, scheduler, states, now):
+                    self._cycles += 1
+                    if self.max_cycles is not None and self._cycles >= self.max_cycles:
+                        self._recycling = True  # let this cycle finish, then stop
+                    continue  # dispatch the new activations' fetches at once
+                timeout = min(1.0, REFRESH_INTERVAL)
+                until_due = scheduler.seconds_until_due(now)
+                if until_due is not None:
+                    timeout = min(timeout, until_due)
+                if step.next_deadline is not None:
+                    timeout = min(timeout, step.next_deadline - now)
+                self._waker_wait(max(0.0, timeout))
 
-    def run_once(self) -> CycleResult:
-        """One cycle of the selected handlers: fetch each once, process everything fetched."""
-        skipped: dict[str, ActivationResult] = {}
-        try:
-            # One cycle: nothing to wake up for, so no LISTEN connection to open and close.
-            with self._session(listen=False) as service:
-                states = recording.handler_states(r.name for r in self.registrations)
-                handlers = []
-                for reg in self.registrations:
-                    state = states.get(reg.name)
-                    if state is None or not state.is_enabled:
-                        skipped[reg.name] = ActivationResult(reg.name, skipped="disabled")
-                    else:
-                        handlers.append((reg, state.handler_id))
-                result = service.run_cycle(
-                    handlers, stopped=lambda: self._stop_requested, wait=self._waker.wait
-                )
-        finally:
-            self._waker.close()
-        result.handlers.update(skipped)
-        return CycleResult(dict(sorted(result.handlers.items())))
+    def _waker_wait(self, timeout: float) -> None:
+        assert self._waker is not None
+        self._waker.wait(timeout)
 
-    def _refresh(
+    def _apply_events(
         self, scheduler: Scheduler, states: dict[str, recording.HandlerState]
     ) -> dict[str, recording.HandlerState]:
-        try:
-            fresh = recording.handler_states(scheduler.names)
-        except DatabaseError:
-            logger.exception("Could not read the handler rows; retrying")
-            return states
-        finally:
-            release_connections(idle=False)
-        scheduler.note_requests({name: s.run_requested_at for name, s in fresh.items()})
-        return fresh
-
-    def _apply_events(self, scheduler: Scheduler, now: float) -> None:
         while True:
             try:
-                kind, subject = self._events.get_nowait()
+                event = self._events.get_nowait()
             except queue.Empty:
-                return
-            if kind == "request":
-                scheduler.request(subject)
-                continue
-            activation: Activation = subject
-            if kind == "fetched":
-                scheduler.fetch_finished(
-                    activation.name,
-                    asked=activation.max_items,
-                    fetched=activation.result.fetched,
-                    failed=activation.result.fetch_failed or bool(activation.result.skipped),
-                    now=now,
-                    isolated=activation.result.isolated,
-                )
+                return states
+            if isinstance(event, _Request):
+                scheduler.request(event.name)
             else:
-                scheduler.activation_finished(activation.name)
+                states = event.states
+                scheduler.set_enabled({n: s.is_enabled for n, s in states.items()})
+                scheduler.note_requests({n: s.run_requested_at for n, s in states.items()})
 
     def _start_due(
         self,
@@ -349,24 +379,67 @@ class BackgroundProcessingService:
         states: dict[str, recording.HandlerState],
         now: float,
     ) -> bool:
-        """Start the fetches the scheduler asks for; True when at least one started."""
-        channel = service.channel
+        """Activate the handlers that are due; True when at least one started."""
         started = False
-        plan = scheduler.plan(
-            now,
-            enabled=lambda name: name in states and states[name].is_enabled,
-            room=channel.room(),
-            queued=channel.queued,
-            capacity=channel.capacity,
-        )
-        for reg, ask in plan:
-            activation = service.activate(
-                reg, handler_id=states[reg.name].handler_id, max_items=ask
-            )
-            if activation is not None:
-                scheduler.fetch_started(reg.name, now)
+        for reg in scheduler.due(now):
+            state = states.get(reg.name)
+            if state is None:
+                continue
+            if service.activate(reg, handler_id=state.handler_id) is not None:
+                scheduler.activated(reg.name, now)
                 started = True
         return started
+
+    # -- one cycle, and cycles until drained ------------------------------------------------
+
+    def _selected(self) -> tuple[list[tuple[Registration, int]], dict[str, ActivationResult]]:
+        states = recording.handler_states(r.name for r in self.registrations)
+        handlers = []
+        skipped: dict[str, ActivationResult] = {}
+        for reg in self.registrations:
+            state = states.get(reg.name)
+            if state is None or not state.is_enabled:
+                skipped[reg.name] = ActivationResult(reg.name, skipped="disabled")
+            else:
+                handlers.append((reg, state.handler_id))
+        return handlers, skipped
+
+    def run_once(self) -> CycleResult:
+        """One cycle of the selected handlers: each may process up to its allowance."""
+        # One cycle: nothing to wake up for, so no LISTEN connection to open and close.
+        with self._session(listen=False) as service:
+            handlers, skipped = self._selected()
+            result = service.run_cycle(handlers, stopped=lambda: self._stop_requested)
+        result.handlers.update(skipped)
+        return CycleResult(dict(sorted(result.handlers.items())))
+
+    def run_drain(self) -> CycleResult:
+        """Cycles until one in which no selected handler fetched anything.
+
+        Returns the totals of all cycles per handler (a fetch that raised in any cycle makes
+        the result not ``ok``). Logs a progress line every few seconds.
+        """
+        totals: dict[str, ActivationResult] = {}
+        with self._session(listen=False) as service:
+            progress = DrainProgress(service, self.registrations)
+            progress.start()
+            try:
+                cycles = 0
+                while not self._stop_requested:
+                    handlers, skipped = self._selected()
+                    result = service.run_cycle(handlers, stopped=lambda: self._stop_requested)
+                    cycles += 1
+                    for outcome in [*result, *skipped.values()]:
+                        _add(totals, outcome)
+                    progress.cycle_done(result)
+                    if result.fetched == 0:
+                        break
+                logger.info(
+                    "Drained in %s: %d items done", _plural(cycles, "cycle"), progress.done()
+                )
+            finally:
+                progress.stop()
+        return CycleResult(dict(sorted(totals.items())))
 
     def _check_memory(self) -> None:
         if self.max_memory_mb is None:
@@ -380,6 +453,82 @@ class BackgroundProcessingService:
                 self.max_memory_mb,
             )
             self._stop_requested = True
+
+
+def _add(totals: dict[str, ActivationResult], outcome: ActivationResult) -> None:
+    total = totals.setdefault(outcome.handler, ActivationResult(outcome.handler))
+    total.fetched += outcome.fetched
+    total.succeeded += outcome.succeeded
+    total.failed += outcome.failed
+    total.released += outcome.released
+    total.failures.extend(outcome.failures)
+    if outcome.status is not None and (total.status is None or outcome.fetch_failed):
+        total.status = outcome.status
+    if outcome.error:
+        total.error = outcome.error
+    if outcome.run_id is not None:
+        total.run_id = outcome.run_id
+    if outcome.skipped and not total.fetched:
+        total.skipped = outcome.skipped
+
+
+class DrainProgress:
+    """Logs items done, the rate and the items waiting every few seconds during ``--drain``."""
+
+    def __init__(
+        self,
+        service: WorkItemProcessingService,
+        registrations: list[Registration],
+    ) -> None:
+        self._service = service
+        self._registrations = registrations
+        self._finished_items = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="workitems-progress", daemon=True)
+
+    def cycle_done(self, result: CycleResult) -> None:
+        with self._lock:
+            self._finished_items += result.succeeded + result.failed
+
+    def done(self) -> int:
+        """Items ended (succeeded or failed) so far, in finished cycles and the current one."""
+        live = 0
+        for activation in self._service.active():
+            snapshot = activation.snapshot(failures_from=10**9)
+            live += snapshot.succeeded + snapshot.failed
+        with self._lock:
+            return self._finished_items + live
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(PROGRESS_INTERVAL):
+                done = self.done()
+                elapsed = max(1e-9, time.monotonic() - self._started)
+                waiting = 0
+                known = False
+                for reg in self._registrations:
+                    backlog = health.handler_backlog(reg.name).count
+                    if backlog is not None:
+                        waiting += backlog
+                        known = True
+                logger.info(
+                    "Draining: %d items done, %.1f items/s, %s waiting",
+                    done,
+                    done / elapsed,
+                    waiting if known else "unknown",
+                )
+                hygiene.after_work(idle=False)
+        finally:
+            hygiene.close_all()
 
 
 def run_once(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter, deque
@@ -198,6 +199,28 @@ class FairChannel(Generic[E]):
             self._ring.clear()
             self._size = 0
             return drained
+
+    def remove(self, key: str, predicate: Callable[[E], bool]) -> list[E]:
+        """Take out the queued entries of ``key`` that ``predicate`` picks (never started)."""
+        with self._cond:
+            queue = self._queues.get(key)
+            if not queue:
+                return []
+            kept: deque[tuple[E, bool]] = deque()
+            removed = []
+            for entry, solo in queue:
+                if predicate(entry):
+                    removed.append(entry)
+                else:
+                    kept.append((entry, solo))
+            self._queues[key] = kept
+            self._size -= len(removed)
+            if not kept:
+                with contextlib.suppress(ValueError):
+                    self._ring.remove(key)
+        if removed:
+            self._room_freed()
+        return removed
 
     def __len__(self) -> int:
         with self._cond:

@@ -1,20 +1,24 @@
-"""WorkItemProcessingService: fetches in parallel, a fair bounded channel, a pool of threads.
+"""WorkItemProcessingService: activations, their fetches, the fair channel and the pool.
 
-Threads and who owns what:
+One item walks ``fetch_next`` (a fetch thread) → the channel → ``process`` (a pool thread) →
+its run (the recorder thread). Who owns what:
 
-- fetches run on fetch threads, one fetch at a time each; a thread is added whenever every one
-  is busy, so a slow fetch never holds back another handler's items;
-- ``workers`` pool threads take items from the channel and process them;
-- every thread owns its Django connections, keeps them while work keeps coming, applies
-  ``close_old_connections`` semantics after ``IDLE_AFTER`` seconds without work, and closes
-  them when it exits;
-- the recorder thread writes the runs (progress and end), in order, so that no pool thread waits
-  on the database for bookkeeping;
-- a keeper thread renews the leases of exclusive handlers (and, through ``on_beat``, the
-  worker's heartbeat) well inside ``LEASE_TIMEOUT``;
-- an :class:`Activation` is shared by its fetch thread and the pool threads that process its
-  items; its counters are guarded by its own lock, and it is finished exactly once, by
-  whichever thread sees its last item end.
+- the coordinator (the thread that calls :meth:`WorkItemProcessingService.step`: the worker's
+  main thread) owns the live activations, the fetches in flight and the turn order; it starts
+  fetches and watches their deadlines and those of items in process, and never touches the
+  database;
+- each :class:`~django_workitems.activation.Activation` owns its counts;
+- the :class:`~django_workitems.channel.FairChannel` owns what is queued and in process;
+- the :class:`~django_workitems.leases.LeaseKeeper` owns leases and the heartbeat;
+- the :class:`~django_workitems.recording.RunRecorder` owns the writing of runs.
+
+Threads report to the coordinator only by posting events (a fetch ended, an activation went
+idle or finished) and waking it; nothing calls back into its state.
+
+Hung work is contained, not killed (Python cannot kill a thread): a fetch past its timeout is
+recorded failed and whatever it returns later is released; an item past its timeout has its
+token cancelled and, after a grace, is recorded failed while its pool thread is given up and
+replaced.
 """
 
 from __future__ import annotations
@@ -25,228 +29,316 @@ import queue
 import socket
 import threading
 import time
-import traceback
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import DatabaseError, connections
-from django.utils import timezone
+from django.db import DatabaseError
 
-from . import recording
+from . import hygiene, metrics, recording
+from .activation import (
+    Activation,
+    ActivationResult,
+    CycleResult,
+    Failure,
+    ItemOutcome,
+    Step,
+    describe_item,
+    format_exception,
+    safe_str,
+)
 from .channel import FairChannel
 from .conf import app_settings
-from .exceptions import Cancelled
-from .handlers import (
-    CancellationToken,
-    WorkItemHandler,
-    call_handler,
-    current_worker_id,
-    describe_item,
-)
+from .exceptions import Cancelled, WorkItemsError
+from .handlers import CancellationToken, call_handler, current_worker_id
+from .leases import LeaseKeeper
 from .log import log_context
-from .models import RunStatus
-from .recording import FailureRecord
 from .registry import Registration
-from .scheduling import fair_shares
+from .scheduling import Fetchable, claim_limit, plan_fetches
 
 logger = logging.getLogger("django_workitems.processing")
 
-FLUSH_INTERVAL = 2.0
-"""Seconds between progress writes of a long activation (counts and failures, in one batch)."""
-
 IDLE_AFTER = 1.0
-"""Seconds without work after which a thread applies ``close_old_connections`` semantics.
+"""Seconds without work after which a thread applies ``close_old_connections`` semantics."""
 
-While work keeps coming, a thread keeps its connection from one unit to the next (even with
-``CONN_MAX_AGE = 0``), so a busy worker does not reconnect for every item or batch.
-"""
+FETCHER_IDLE_EXIT = 30.0
+"""Seconds a spare fetch thread waits for work before it ends."""
 
-MAX_FETCHERS = 32
-"""Fetch threads are added while every one is busy (a slow fetch never holds others back)."""
+GRACE_CAP = 30.0
+"""At most this long after an item's token was cancelled for its time-out, it is given up."""
 
-
-def release_connections(*, idle: bool) -> None:
-    """Close this thread's connections that are broken, obsolete or, when ``idle``, stale.
-
-    Django's ``close_old_connections`` applied per burst: a busy pool thread keeps its
-    connection from one item to the next even with ``CONN_MAX_AGE = 0``, and closes it as
-    soon as it has nothing to do.
-    """
-    for conn in connections.all(initialized_only=True):
-        if conn.connection is None:
-            continue
-        if (
-            idle
-            or conn.errors_occurred
-            or conn.settings_dict.get("CONN_MAX_AGE", 0) != 0
-            or conn.get_autocommit() != conn.settings_dict.get("AUTOCOMMIT", True)
-        ):
-            conn.close_if_unusable_or_obsolete()
-
-
-@dataclass
-class ItemFailureInfo:
-    """One failed item of an activation."""
-
-    item_id: str
-    exception: BaseException
-    traceback: str
-
-
-@dataclass
-class ActivationResult:
-    """What one activation of a handler did."""
-
-    handler: str
-    status: str = ""
-    run_id: int | None = None
-    fetched: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    isolated: int = 0
-    error: str = ""
-    skipped: str = ""
-    failures: list[ItemFailureInfo] = field(default_factory=list)
-
-    @property
-    def fetch_failed(self) -> bool:
-        return self.status == RunStatus.FAILED
-
-
-@dataclass
-class CycleResult:
-    """Per-handler outcome of one cycle (``run_once``, ``runworkitems --once``)."""
-
-    handlers: dict[str, ActivationResult] = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> ActivationResult:
-        return self.handlers[name]
-
-    def __iter__(self) -> Iterator[ActivationResult]:
-        return iter(self.handlers.values())
-
-    @property
-    def fetched(self) -> int:
-        return sum(r.fetched for r in self)
-
-    @property
-    def succeeded(self) -> int:
-        return sum(r.succeeded for r in self)
-
-    @property
-    def failed(self) -> int:
-        return sum(r.failed for r in self)
-
-    @property
-    def failed_fetches(self) -> list[str]:
-        """Names of the handlers whose fetch raised."""
-        return [r.handler for r in self if r.fetch_failed]
-
-    @property
-    def ok(self) -> bool:
-        """True when every fetch ran (item failures are recorded, not fatal)."""
-        return not self.failed_fetches
-
-
-class Activation:
-    """One handler instance: its fetch, its items in the channel or in process, and its run."""
-
-    def __init__(
-        self,
-        registration: Registration,
-        *,
-        handler_id: int,
-        max_items: int,
-        token: CancellationToken,
-    ) -> None:
-        self.registration = registration
-        self.name = registration.name
-        self.handler_id = handler_id
-        self.max_items = max_items
-        self.token = token
-        self.handler: WorkItemHandler[Any] | None = None
-        self.run_id: int | None = None
-        self.started = time.monotonic()
-        self.lease_held = False
-        self.result = ActivationResult(handler=registration.name)
-        self.done = threading.Event()
-        self._lock = threading.Lock()
-        self._outstanding = 0
-        self._finished = False
-        self._last_flush = time.monotonic()
-        self._unflushed_succeeded = 0
-        self._unflushed_failed = 0
-        self._unflushed_failures: list[FailureRecord] = []
-
-    def log_extra(self, item_id: str | None = None) -> dict[str, object]:
-        return {"handler": self.name, "run_id": self.run_id, "work_item_id": item_id}
-
-    def items_queued(self, count: int) -> None:
-        with self._lock:
-            self._outstanding += count
-
-    def item_done(
-        self,
-        *,
-        succeeded: bool = False,
-        failure: FailureRecord | None = None,
-        info: ItemFailureInfo | None = None,
-        cancelled: int = 0,
-    ) -> tuple[bool, tuple[int, int, list[FailureRecord]] | None]:
-        """Count an item's outcome; returns (was it the last item, a batch to flush or None)."""
-        now = time.monotonic()
-        with self._lock:
-            if self._finished:
-                return False, None
-            if succeeded:
-                self.result.succeeded += 1
-                self._unflushed_succeeded += 1
-            if failure is not None and info is not None:
-                self.result.failed += 1
-                self.result.failures.append(info)
-                self._unflushed_failed += 1
-                self._unflushed_failures.append(failure)
-            self.result.cancelled += cancelled
-            self._outstanding -= max(1, cancelled)
-            if self._outstanding <= 0:
-                return True, None
-            if now - self._last_flush >= FLUSH_INTERVAL:
-                self._last_flush = now
-                return False, self._take_unflushed()
-            return False, None
-
-    def _take_unflushed(self) -> tuple[int, int, list[FailureRecord]]:
-        batch = (self._unflushed_succeeded, self._unflushed_failed, self._unflushed_failures)
-        self._unflushed_succeeded = self._unflushed_failed = 0
-        self._unflushed_failures = []
-        return batch
-
-    def begin_finish(self) -> tuple[int, int, list[FailureRecord]] | None:
-        """Mark finished; returns the last batch, or None if another thread finished it."""
-        with self._lock:
-            if self._finished:
-                return None
-            self._finished = True
-            return self._take_unflushed()
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
-
+FINAL_WRITES_TIMEOUT = 3.0
+"""After the shutdown timeout: how long the last writes (runs, leases, the worker) may take."""
 
 Entry = tuple[Activation, Any]
 
 
-class WorkItemProcessingService:
-    """Runs activations of handlers: parallel fetches, a fair bounded channel, a thread pool.
+class FetchResultError(WorkItemsError, TypeError):
+    """``fetch_next`` returned something that is not a sequence of items."""
 
-    ``run_cycle`` runs one cycle (fetch all, process everything fetched) and returns its
-    result; :class:`~django_workitems.background.BackgroundProcessingService` drives it, or
-    schedules single activations through ``activate``.
+
+class LeakedTransaction(WorkItemsError):
+    """``process`` returned with a transaction still open; it was rolled back."""
+
+
+class HungItem(WorkItemsError):
+    """``process`` did not return within its ``item_timeout`` and the grace after it."""
+
+
+def as_items(value: object) -> list[Any]:
+    """The items of what ``fetch_next`` returned: a sequence or iterable; None means none."""
+    if value is None:
+        return []
+    if isinstance(value, str | bytes | bytearray | Mapping):
+        raise FetchResultError(
+            f"fetch_next returned a {type(value).__name__}; it must return a sequence of items "
+            "(a list, a tuple, a QuerySet) or an iterable of them"
+        )
+    try:
+        return list(value)  # type: ignore[call-overload, no-any-return]
+    except TypeError:
+        raise FetchResultError(
+            f"fetch_next returned a {type(value).__name__}, which is not iterable; it must "
+            "return a sequence of items"
+        ) from None
+
+
+# -- events the coordinator reacts to ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FetchEnded:
+    job: FetchJob
+
+
+@dataclass(frozen=True)
+class Idle:
+    """An activation has nothing outstanding and may fetch again."""
+
+    activation: Activation
+
+
+@dataclass(frozen=True)
+class Finished:
+    activation: Activation
+
+
+Event = FetchEnded | Idle | Finished
+
+
+@dataclass
+class StepResult:
+    """What changed since the last step, for the background service's scheduler."""
+
+    fetching_ended: list[Activation] = field(default_factory=list)
+    finished: list[Activation] = field(default_factory=list)
+    next_deadline: float | None = None
+    """When the next fetch or item time-out falls due (monotonic), if any."""
+
+
+class FetchJob:
+    """One ``fetch_next`` call in flight; ended exactly once, by its thread or by its time-out."""
+
+    __slots__ = ("_lock", "_state", "activation", "ask", "deadline", "started")
+
+    def __init__(self, activation: Activation, ask: int, timeout: float | None) -> None:
+        self.activation = activation
+        self.ask = ask
+        self.started = time.monotonic()
+        self.deadline = None if timeout is None else self.started + timeout
+        self._lock = threading.Lock()
+        self._state = "running"
+
+    def complete(self) -> bool:
+        """The fetch returned: False when it had been given up meanwhile."""
+        with self._lock:
+            if self._state != "running":
+                return False
+            self._state = "done"
+            return True
+
+    def give_up(self) -> bool:
+        with self._lock:
+            if self._state != "running":
+                return False
+            self._state = "given up"
+            return True
+
+
+class Slot:
+    """What one pool thread is processing now; shared with the coordinator's watchdog."""
+
+    __slots__ = (
+        "_lock",
+        "activation",
+        "deadline",
+        "given_up",
+        "grace_until",
+        "item",
+        "key",
+        "started",
+        "thread_name",
+        "token",
+    )
+
+    def __init__(self, thread_name: str) -> None:
+        self.thread_name = thread_name
+        self.activation: Activation | None = None
+        self.item: Any = None
+        self.key = ""
+        self.token: CancellationToken | None = None
+        self.started = 0.0
+        self.deadline: float | None = None
+        self.grace_until: float | None = None
+        self.given_up = False
+        self._lock = threading.Lock()
+
+    def begin(
+        self,
+        activation: Activation,
+        item: Any,
+        key: str,
+        token: CancellationToken,
+        timeout: float | None,
+    ) -> None:
+        with self._lock:
+            self.activation, self.item, self.key, self.token = activation, item, key, token
+            self.started = time.monotonic()
+            self.deadline = None if timeout is None else self.started + timeout
+            self.grace_until = None
+
+    def end(self) -> bool:
+        """The item returned; False when it had been given up (its outcome is recorded)."""
+        with self._lock:
+            if self.given_up:
+                return False
+            self.activation = None
+            self.item = None
+            self.token = None
+            return True
+
+    def give_up(self) -> tuple[Activation, Any, str, float] | None:
+        """Take the item away from this thread; None when it has just returned."""
+        with self._lock:
+            if self.given_up or self.activation is None:
+                return None
+            self.given_up = True
+            return self.activation, self.item, self.key, self.started
+
+
+class FetchPool:
+    """Threads for fetches and finishing work: one more is started whenever all are busy."""
+
+    def __init__(self, service: WorkItemProcessingService) -> None:
+        self._service = service
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._waiting = 0
+        self._threads: set[threading.Thread] = set()
+        self._serial = 0
+        self._closed = False
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            self._waiting += 1
+            spawn = self._waiting > self._idle and not self._closed
+            if spawn:
+                self._serial += 1
+                thread = threading.Thread(
+                    target=self._run, name=f"workitems-fetch-{self._serial}", daemon=True
+                )
+                self._threads.add(thread)
+        self._jobs.put(job)
+        if spawn:
+            thread.start()
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        current_worker_id.set(self._service.worker_id)
+        try:
+            while True:
+                with self._lock:
+                    self._idle += 1
+                try:
+                    try:
+                        job = self._jobs.get(timeout=IDLE_AFTER)
+                    except queue.Empty:
+                        hygiene.after_work(idle=True)
+                        try:
+                            job = self._jobs.get(timeout=FETCHER_IDLE_EXIT)
+                        except queue.Empty:
+                            return
+                finally:
+                    with self._lock:
+                        self._idle -= 1
+                if job is None:
+                    return
+                with self._lock:
+                    self._waiting -= 1
+                try:
+                    job()
+                except BaseException:
+                    logger.exception("A fetch thread's job raised")
+                finally:
+                    hygiene.after_work(idle=False)
+        finally:
+            with self._lock:
+                self._threads.discard(me)
+            hygiene.close_all()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._closed = True
+            count = len(self._threads)
+        for _ in range(count):
+            self._jobs.put(None)
+
+    def alive(self) -> int:
+        with self._lock:
+            return len(self._threads)
+
+
+class DurationStats:
+    """Recent item duration per handler (an exponential average), to size claims."""
+
+    WEIGHT = 0.2
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
+
+    def observe(self, name: str, seconds: float) -> None:
+        # A lost update between two pool threads only makes the estimate a little staler.
+        previous = self._seconds.get(name)
+        self._seconds[name] = (
+            seconds if previous is None else previous + self.WEIGHT * (seconds - previous)
+        )
+
+    def get(self, name: str) -> float | None:
+        return self._seconds.get(name)
+
+
+class _EventWaker:
+    """Wakes a coordinator blocked in :meth:`wait` (used when no socket waker is given)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout: float | None) -> None:
+        self._event.wait(timeout)
+        self._event.clear()
+
+
+class WorkItemProcessingService:
+    """Runs activations: fetches in parallel, a fair bounded channel, a pool of threads.
+
+    :meth:`run_cycle` runs one cycle; :class:`~django_workitems.background.
+    BackgroundProcessingService` drives the service through :meth:`activate` and
+    :meth:`step` instead.
     """
 
     def __init__(
@@ -257,55 +349,55 @@ class WorkItemProcessingService:
         worker_id: int | None = None,
         lease_owner: str | None = None,
         cancel: CancellationToken | None = None,
-        on_fetched: Callable[[Activation], None] | None = None,
-        on_finished: Callable[[Activation], None] | None = None,
-        on_room: Callable[[], None] | None = None,
-        on_beat: Callable[[], None] | None = None,
+        waker: Any = None,
+        on_dead_workers: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.workers = workers if workers is not None else app_settings.workers
         self.queue_size = queue_size if queue_size is not None else app_settings.queue_size
         self.lease_timeout = app_settings.lease_timeout
+        self.async_concurrency = app_settings.async_concurrency
         self.worker_id = worker_id
-        self.lease_owner = lease_owner or (
+        owner = lease_owner or (
             f"process:{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         )
         self.token = cancel or CancellationToken()
-        self.channel: FairChannel[Entry] = FairChannel(self.queue_size, on_room=on_room)
-        self._on_fetched = on_fetched
-        self._on_finished = on_finished
-        self._on_beat = on_beat
-        self._threads: list[threading.Thread] = []
-        self._fetchers: list[threading.Thread] = []
-        self._fetch_jobs: queue.SimpleQueue[Activation | None] = queue.SimpleQueue()
-        self._idle_fetchers = 0
-        self._waiting_fetches = 0
-        self._active: set[Activation] = set()
-        self._lock = threading.Lock()
-        self._lease_lock = threading.Lock()  # held across the lease UPDATEs: see _take_lease
-        self._lease_holds: Counter[int] = Counter()
-        self._stopping = threading.Event()
-        self._keeper: threading.Thread | None = None
-        self._recorder = Recorder()
+        self._waker = waker if waker is not None else _EventWaker()
+        self.channel: FairChannel[Entry] = FairChannel(self.queue_size, on_room=self._waker.wake)
+        self.keeper = LeaseKeeper(
+            owner=owner,
+            ttl=self.lease_timeout,
+            worker_id=worker_id,
+            on_dead_workers=on_dead_workers,
+        )
+        self.recorder = recording.RunRecorder(worker_id=worker_id)
+        self.stats = DurationStats()
+        self._fetchers = FetchPool(self)
+        self._slots: list[Slot] = []
+        self._slots_lock = threading.Lock()
+        self._pool_serial = 0
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._live: dict[int, Activation] = {}
+        self._jobs: dict[int, FetchJob] = {}
+        self._reported: set[int] = set()
+        self._served: dict[str, int] = {}
+        self._serve_seq = 0
+        self._stopping = False
         self._started = False
+        self.given_up = 0
+        """Threads given up on hung calls and not back yet."""
+        self._given_up_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the pool threads and the lease keeper."""
+        """Start the pool threads, the recorder and the lease keeper."""
         if self._started:
             return
         self._started = True
-        for number in range(self.workers):
-            thread = threading.Thread(
-                target=self._pool_worker, name=f"workitems-pool-{number}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
-        self._keeper = threading.Thread(
-            target=self._keep_leases, name="workitems-keeper", daemon=True
-        )
-        self._keeper.start()
-        self._recorder.start()
+        for _ in range(self.workers):
+            self._add_pool_thread()
+        self.recorder.start()
+        self.keeper.start()
 
     def __enter__(self) -> WorkItemProcessingService:
         self.start()
@@ -314,336 +406,229 @@ class WorkItemProcessingService:
     def __exit__(self, *exc_info: object) -> None:
         self.stop(app_settings.shutdown_timeout.total_seconds())
 
+    @property
+    def exhausted(self) -> bool:
+        """More threads given up on hung calls than ``WORKERS``: the process should be renewed."""
+        return self.given_up > self.workers
+
     def active(self) -> list[Activation]:
-        with self._lock:
-            return list(self._active)
+        return list(self._live.values())
 
-    def stop(self, timeout: float, abort: Callable[[], bool] | None = None) -> None:
-        """Shut down: cancel, release unstarted items, give items in process ``timeout`` seconds.
+    def wait(self, timeout: float | None) -> None:
+        self._waker.wait(timeout)
 
-        Activations still unfinished after that are recorded ``cancelled``; the threads still
-        busy with them are daemons and do not keep the process alive.
+    def _post(self, event: Event) -> None:
+        self._events.put(event)
+        self._waker.wake()
+
+    # -- activations (the coordinator) ----------------------------------------------------
+
+    def activate(self, registration: Registration, *, handler_id: int) -> Activation | None:
+        """Start an activation of a handler; its fetches start in :meth:`step`, when room allows.
+
+        None once the service is stopping.
         """
-        self._stopping.set()
-        self.token.cancel()
-        self.channel.close()
-        self._release(self.channel.drain())
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            fetchers = list(self._fetchers)
-        for _ in fetchers:
-            self._fetch_jobs.put(None)  # each fetcher ends after its current fetch
-        for thread in [*self._threads, *fetchers]:
-            while thread.is_alive() and time.monotonic() < deadline:
-                if abort is not None and abort():
-                    return
-                thread.join(min(0.1, max(0.0, deadline - time.monotonic())))
-        # Fetches that returned after the drain released their own items; anything left is
-        # still in process past the time-out.
-        self._release(self.channel.drain())
-        for activation in self.active():
-            if not activation.finished:
-                logger.warning(
-                    "Handler %s: items still in process after the shutdown timeout of %.1fs",
-                    activation.name,
-                    timeout,
-                    extra=activation.log_extra(),
-                )
-                self._finish(activation, forced=True)
-        self._recorder.stop(timeout=max(10.0, sum(RETRY_DELAYS) + 5))
-        if self._keeper is not None:
-            self._keeper.join(timeout=5)
-
-    # -- activations ----------------------------------------------------------------------
-
-    def activate(
-        self, registration: Registration, *, handler_id: int, max_items: int
-    ) -> Activation | None:
-        """Start an activation: reserve channel room, then hand the fetch to a fetch thread.
-
-        Returns None when the channel has no room or the service is stopping.
-        """
-        if self._stopping.is_set():
+        if self._stopping:
             return None
-        granted = self.channel.reserve(registration.name, max_items)
-        if granted < 1:
-            return None
+        activation = Activation(registration, handler_id=handler_id, token=self.token.child())
+        activation.item_timeout = _seconds(registration.effective_item_timeout())
+        activation.fetch_timeout = _seconds(registration.effective_fetch_timeout())
         self.channel.set_limit(registration.name, registration.max_concurrency)
-        activation = Activation(
-            registration, handler_id=handler_id, max_items=granted, token=self.token.child()
-        )
-        with self._lock:
-            self._active.add(activation)
-            self._waiting_fetches += 1
-            thread = None
-            if self._waiting_fetches > self._idle_fetchers and len(self._fetchers) < MAX_FETCHERS:
-                thread = threading.Thread(
-                    target=self._fetcher,
-                    name=f"workitems-fetch-{len(self._fetchers)}",
-                    daemon=True,
-                )
-                self._fetchers.append(thread)
-        self._fetch_jobs.put(activation)
-        if thread is not None:
-            thread.start()
+        self._live[activation.serial] = activation
+        self._waker.wake()
         return activation
 
-    def _fetcher(self) -> None:
-        """A fetch thread: runs fetches one after another, keeping its connection while busy."""
-        try:
-            while True:
-                with self._lock:
-                    self._idle_fetchers += 1
-                try:
-                    try:
-                        job = self._fetch_jobs.get(timeout=IDLE_AFTER)
-                    except queue.Empty:
-                        release_connections(idle=True)
-                        job = self._fetch_jobs.get()
-                finally:
-                    with self._lock:
-                        self._idle_fetchers -= 1
-                if job is None:
-                    break
-                with self._lock:
-                    self._waiting_fetches -= 1
-                self._fetch(job)
-        finally:
-            connections.close_all()
-
-    def run_cycle(
-        self,
-        handlers: Sequence[tuple[Registration, int]],
-        *,
-        stopped: Callable[[], bool] = lambda: False,
-        wait: Callable[[float], None] | None = None,
-    ) -> CycleResult:
-        """One cycle: fetch each (registration, handler row id) once, process all it fetched.
-
-        The fetches run in parallel, each asked for its fair share of the channel. Returns when
-        every activation has ended, or when ``stopped()`` says so (``wait`` blocks between
-        checks; by default it waits on the activations themselves).
-        """
-        self.start()
-        result = CycleResult()
-        asks = fair_shares(self.queue_size, [reg.max_items_per_cycle for reg, _ in handlers])
-        activations = []
-        for (reg, handler_id), ask in zip(handlers, asks, strict=True):
-            activation = self.activate(reg, handler_id=handler_id, max_items=ask) if ask else None
-            if activation is None:
-                result.handlers[reg.name] = ActivationResult(reg.name, skipped="no room")
-            else:
-                activations.append(activation)
-        while not stopped():
-            pending = [a for a in activations if not a.done.is_set()]
-            if not pending:
+    def step(self) -> StepResult:
+        """Apply what threads reported, give up hung work, start the fetches room allows."""
+        result = StepResult()
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
                 break
-            if wait is not None:
-                wait(1.0)
-            else:
-                pending[0].done.wait(1.0)
-        for activation in activations:
-            result.handlers[activation.name] = activation.result
+            if isinstance(event, FetchEnded):
+                self._jobs.pop(event.job.activation.serial, None)
+            elif isinstance(event, Finished):
+                activation = event.activation
+                if self._live.pop(activation.serial, None) is not None:
+                    if activation.serial not in self._reported:
+                        result.fetching_ended.append(activation)
+                    self._reported.discard(activation.serial)
+                    result.finished.append(activation)
+        now = time.monotonic()
+        result.next_deadline = self._watch(now)
+        if not self._stopping:
+            self._dispatch()
+        for activation in self._live.values():
+            if (
+                activation.serial not in self._reported
+                and not activation.fetching
+                and not activation.may_fetch
+            ):
+                self._reported.add(activation.serial)
+                result.fetching_ended.append(activation)
         return result
 
-    def _fetch(self, activation: Activation) -> None:
-        """The fetch thread: every path reports the fetch and, if nothing was queued, finishes."""
-        handed_over = False
-        # This thread's own context: no reset needed.
-        current_worker_id.set(self.worker_id)
-        log_context.set((activation.name, None, None))
-        try:
-            handed_over = self._fetch_and_queue(activation)
-        except BaseException as exc:  # e.g. the database is down: recorded, retried later
-            activation.result.status = RunStatus.FAILED
-            activation.result.error = activation.result.error or _format_exception(exc)
-            logger.error(
-                "Handler %s: the activation failed: %s",
-                activation.name,
-                exc,
-                exc_info=True,
-                extra=activation.log_extra(),
+    def _dispatch(self) -> None:
+        if self.recorder.backlog >= recording.MAX_PENDING_RUNS:
+            return  # the database is not keeping up: hold new fetches, memory stays bounded
+        candidates = [
+            a
+            for a in self._live.values()
+            if a.may_fetch
+            and (
+                not (a.registration.exclusive or a.hold)
+                or (a.outstanding == 0 and a.serial not in self._jobs)
             )
-        finally:
-            try:
-                if not handed_over:
-                    self.channel.unreserve(activation.name, activation.max_items)
-                self._fetched(activation)
-                if not handed_over:
-                    self._finish(activation)
-            finally:
-                release_connections(idle=False)
+        ]
+        if not candidates:
+            return
+        busy = {a.name for a in self._live.values() if a.fetching or a.outstanding}
+        plans = plan_fetches(
+            candidates,
+            room=self.channel.room(),
+            capacity=self.channel.capacity,
+            queued=self.channel.queued,
+            limit=self._limit,
+            served=lambda name: self._served.get(name, 0),
+            busy=busy,
+        )
+        for plan in plans:
+            activation = plan.activation
+            assert isinstance(activation, Activation)
+            granted = self.channel.reserve(activation.name, plan.ask)
+            if granted < 1:
+                break
+            self._serve_seq += 1
+            self._served[activation.name] = self._serve_seq
+            activation.begin_fetch(granted)
+            job = FetchJob(activation, granted, activation.fetch_timeout)
+            self._jobs[activation.serial] = job
+            self._fetchers.submit(lambda job=job: self._fetch(job))  # type: ignore[misc]
 
-    def _fetch_and_queue(self, activation: Activation) -> bool:
-        """Fetch and queue the items; True once they (and the reservation) are in the channel."""
+    def _limit(self, activation: Fetchable) -> int:
+        assert isinstance(activation, Activation)
+        return claim_limit(
+            activation.registration,
+            workers=self.workers,
+            item_seconds=self.stats.get(activation.name),
+            is_async=activation.is_async,
+            async_concurrency=self.async_concurrency,
+        )
+
+    # -- fetching (fetch threads) -----------------------------------------------------------
+
+    def _fetch(self, job: FetchJob) -> None:
+        activation = job.activation
         reg = activation.registration
-        result = activation.result
-        if reg.exclusive:
-            if not self._take_lease(activation.handler_id):
-                holder = recording.lease_holder(activation.handler_id)
-                result.skipped = f"another process holds its lease ({holder})"
-                logger.debug(
-                    "Handler %s skipped: %s", reg.name, result.skipped, extra=activation.log_extra()
+        items: list[Any] = []
+        error: BaseException | None = None
+        skipped = ""
+        ran = False
+        context = log_context.set((activation.name, activation.run_id, None))
+        try:
+            if reg.exclusive and (activation.lease is None or not activation.lease.valid()):
+                # The lease is checked in the database before every fetch it does not cover.
+                activation.lease = self.keeper.acquire(activation.handler_id)
+                if activation.lease is None:
+                    holder = self.keeper.holder(activation.handler_id) or "an unknown process"
+                    skipped = f"another process holds its lease ({holder})"
+            if not skipped:
+                activation.token.raise_if_cancelled()
+                if activation.handler is None:
+                    activation.handler = reg.create_handler()
+                    activation.is_async = _is_coroutine_function(activation.handler.process)
+                ran = True
+                items = as_items(
+                    call_handler(activation.handler.fetch_next, job.ask, activation.token)
                 )
-                return False
-            activation.lease_held = True
-        started_at = timezone.now()
-        try:
-            activation.token.raise_if_cancelled()
-            activation.handler = reg.create_handler()
-            items = list(
-                call_handler(activation.handler.fetch_next, activation.max_items, activation.token)
-                or ()
-            )
         except Cancelled:
-            result.skipped = "shutting down"
-            return False
-        except Exception as exc:
-            result.status = RunStatus.FAILED
-            result.error = _format_exception(exc)
-            logger.error(
-                "Handler %s: fetch_next raised %s: %s",
-                reg.name,
-                type(exc).__name__,
-                exc,
-                exc_info=True,
-                extra=activation.log_extra(),
-            )
-            activation.run_id = recording.create_run(
-                activation.handler_id,
-                worker_id=self.worker_id,
-                started_at=started_at,
-                items_fetched=0,
-                error=result.error,
-            )
-            return False
-        result.fetched = len(items)
-        if not items:
-            logger.debug("Handler %s: nothing to do", reg.name, extra=activation.log_extra())
-            return False
-        if len(items) > activation.max_items:
-            logger.warning(
-                "Handler %s: fetch_next returned %d items, more than the %d asked for",
-                reg.name,
-                len(items),
-                activation.max_items,
-                extra=activation.log_extra(),
-            )
-        try:
-            solo = [bool(activation.handler.isolate(item)) for item in items]
-            activation.result.isolated = sum(solo)
-            activation.run_id = recording.create_run(
-                activation.handler_id,
-                worker_id=self.worker_id,
-                started_at=started_at,
-                items_fetched=len(items),
-            )
-        except BaseException:
-            self._give_back(activation, items)  # claimed items must not stay claimed
-            raise
-        activation.items_queued(len(items))
-        entries = [(activation, item) for item in items]
-        if not self.channel.put(reg.name, entries, activation.max_items, solo):
-            self._release([(reg.name, entry) for entry in entries])  # shutting down meanwhile
-        return True
-
-    def _fetched(self, activation: Activation) -> None:
-        if self._on_fetched is not None:
-            self._on_fetched(activation)
-
-    # -- the pool -------------------------------------------------------------------------
-
-    def _pool_worker(self) -> None:
-        try:
-            while True:
-                found = self.channel.take(timeout=IDLE_AFTER)
-                if found is None:
-                    if self.channel.closed:
-                        break
-                    release_connections(idle=True)
-                    found = self.channel.take()
-                    if found is None:
-                        break
-                key, (activation, item) = found
-                try:
-                    self._process(activation, item)
-                finally:
-                    self.channel.task_done(key)
-        finally:
-            connections.close_all()
-
-    def _process(self, activation: Activation, item: Any) -> None:
-        item_id = describe_item(item)
-        handler = activation.handler
-        assert handler is not None  # items are queued only after the handler fetched them
-        context = log_context.set((activation.name, activation.run_id, item_id))
-        try:
-            call_handler(handler.process, item, activation.token)
-        except Cancelled as exc:
-            if not activation.token.cancelled:
-                self._item_failed(activation, item_id, exc, traceback.format_exc())
-            else:
-                self._release([(activation.name, (activation, item))])
-        except BaseException as exc:  # an item must never take its pool thread down
-            self._item_failed(activation, item_id, exc, traceback.format_exc())
-        else:
-            self._item_counted(activation, activation.item_done(succeeded=True))
+            skipped = "shutting down"
+        except BaseException as exc:  # the database is down, the handler is broken: recorded
+            error = exc
         finally:
             log_context.reset(context)
-            release_connections(idle=False)
-
-    def _item_failed(
-        self, activation: Activation, item_id: str, exc: BaseException, tb: str
-    ) -> None:
-        logger.error(
-            "Handler %s: item %s failed: %s: %s",
-            activation.name,
-            item_id,
-            type(exc).__name__,
-            exc,
-            exc_info=exc,
-            extra=activation.log_extra(item_id),
-        )
-        failure = FailureRecord(
-            item_id=item_id,
-            error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-            message=str(exc),
-            traceback=tb,
-            occurred_at=timezone.now(),
-        )
-        info = ItemFailureInfo(item_id=item_id, exception=exc, traceback=tb)
-        self._item_counted(activation, activation.item_done(failure=failure, info=info))
-
-    def _item_counted(
-        self,
-        activation: Activation,
-        outcome: tuple[bool, tuple[int, int, list[FailureRecord]] | None],
-    ) -> None:
-        last, batch = outcome
-        if last:
-            self._finish(activation)
-        elif batch is not None and activation.run_id is not None:
-            run_id = activation.run_id
-            succeeded, failed, failures = batch
-            self._recorder.submit(
-                lambda: recording.record_progress(
-                    run_id, succeeded=succeeded, failed=failed, failures=failures
+        if not job.complete():
+            # Given up for its time-out: the run already says so; nothing of it is processed.
+            if items:
+                self._give_back(activation, items, "its fetch had been given up")
+            self._thread_back()
+            return
+        if ran:
+            self.recorder.checked(activation.handler_id)
+        if error is not None or skipped or not items:
+            self.channel.unreserve(activation.name, job.ask)
+            if error is not None:
+                logger.error(
+                    "Handler %s: fetch_next failed: %s: %s",
+                    activation.name,
+                    type(error).__name__,
+                    safe_str(error),
+                    exc_info=error,
+                    extra=activation.log_extra(),
                 )
+                step = activation.fetch_failed(format_exception(error))
+            elif skipped:
+                logger.debug(
+                    "Handler %s skipped: %s", activation.name, skipped, extra=activation.log_extra()
+                )
+                step = activation.fetch_skipped(skipped)
+            else:
+                step = activation.fetch_returned(0)
+        else:
+            step = self._queue(job, items)
+        self._post(FetchEnded(job))
+        self._after(activation, step)
+
+    def _queue(self, job: FetchJob, items: list[Any]) -> Step:
+        """Hand fetched items to the channel (and the run to the recorder)."""
+        activation = job.activation
+        handler = activation.handler
+        assert handler is not None
+        if len(items) > job.ask:
+            logger.warning(
+                "Handler %s: fetch_next returned %d items, more than the %d asked for",
+                activation.name,
+                len(items),
+                job.ask,
+                extra=activation.log_extra(),
             )
+        solo = [_isolate(handler, item) for item in items]
+        first = activation.fetched == 0
+        step = activation.fetch_returned(len(items), isolated=any(solo))
+        if first:
+            try:
+                activation.run_id = recording.create_run(
+                    activation.handler_id,
+                    worker_id=self.worker_id,
+                    started_at=activation.started_at,
+                    items_fetched=len(items),
+                )
+            except DatabaseError:
+                logger.warning(
+                    "Handler %s: could not record its run yet; its items go ahead",
+                    activation.name,
+                    exc_info=True,
+                    extra=activation.log_extra(),
+                )
+            finally:
+                hygiene.after_work(idle=False)
+            self.recorder.track(activation, activation.run_id)
+        entries = [(activation, item) for item in items]
+        if not self.channel.put(activation.name, entries, job.ask, solo):
+            # Shutting down meanwhile: the items go back untouched.
+            activation.stop_fetching(cancelled=True)
+            self._give_back(activation, items, "the worker is shutting down")
+            step = activation.items_released(len(items))
+        return step
 
-    def _release(self, entries: Sequence[tuple[str, Entry]]) -> None:
-        """Give items that were never started back to their handlers, then count them."""
-        by_activation: dict[Activation, list[Any]] = {}
-        for _key, (activation, item) in entries:
-            by_activation.setdefault(activation, []).append(item)
-        for activation, items in by_activation.items():
-            self._give_back(activation, items)
-            self._item_counted(activation, activation.item_done(cancelled=len(items)))
-
-    def _give_back(self, activation: Activation, items: Sequence[Any]) -> None:
-        assert activation.handler is not None
+    def _give_back(self, activation: Activation, items: Sequence[Any], why: str) -> None:
+        """Hand items that will never be started back to their handler (``release``)."""
+        handler = activation.handler
+        if handler is None or not items:
+            return
         try:
-            activation.handler.release(items)
+            handler.release(items)
         except Exception:
             logger.exception(
                 "Handler %s: release() of %d unstarted items raised",
@@ -653,233 +638,405 @@ class WorkItemProcessingService:
             )
         else:
             logger.info(
-                "Handler %s: released %d items never started",
+                "Handler %s: released %d items never started (%s)",
                 activation.name,
                 len(items),
+                why,
                 extra=activation.log_extra(),
             )
+
+    def _release_queued(self, activation: Activation, why: str) -> Step:
+        """Take the activation's unstarted items out of the channel and give them back."""
+        entries = self.channel.remove(activation.name, lambda entry: entry[0] is activation)
+        items = [item for _, item in entries]
+        self._give_back(activation, items, why)
+        return activation.items_released(len(items)) if items else Step.NONE
+
+    # -- the pool (pool threads) ------------------------------------------------------------
+
+    def _add_pool_thread(self) -> None:
+        with self._slots_lock:
+            self._pool_serial += 1
+            name = f"workitems-pool-{self._pool_serial}"
+            slot = Slot(name)
+            self._slots.append(slot)
+        threading.Thread(target=self._pool_worker, args=(slot,), name=name, daemon=True).start()
+
+    def _pool_worker(self, slot: Slot) -> None:
+        current_worker_id.set(self.worker_id)
+        try:
+            while True:
+                found = self.channel.take(timeout=IDLE_AFTER)
+                if found is None:
+                    if self.channel.closed:
+                        return
+                    hygiene.after_work(idle=True)
+                    while found is None and not self.channel.closed:
+                        found = self.channel.take(timeout=60.0)
+                    if found is None:
+                        return
+                key, (activation, item) = found
+                if not self._process(slot, key, activation, item):
+                    return  # given up on: this thread is no longer part of the pool
+        finally:
+            if slot.given_up:
+                self._thread_back()
+            else:
+                with self._slots_lock:
+                    if slot in self._slots:
+                        self._slots.remove(slot)
+            hygiene.close_all()
+
+    def _process(self, slot: Slot, key: str, activation: Activation, item: Any) -> bool:
+        """Process one item; False when the thread was given up on meanwhile."""
+        lease = activation.lease
+        if lease is not None and not lease.valid():
+            # Fenced: another process may hold the lease by now.
+            self.channel.task_done(key)
+            activation.stop_fetching(cancelled=True)
+            self._give_back(activation, [item], "its lease could not be renewed in time")
+            step = activation.items_released(1)
+            self._after(activation, self._release_queued(activation, "its lease was lost"))
+            self._after(activation, step)
+            return True
+        handler = activation.handler
+        assert handler is not None  # items are queued only after their handler fetched them
+        item_id = describe_item(item)
+        token = activation.token.child()
+        slot.begin(activation, item, key, token, activation.item_timeout)
+        context = log_context.set((activation.name, activation.run_id, item_id))
+        failure: Failure | None = None
+        outcome = ItemOutcome.SUCCEEDED
+        started = slot.started
+        try:
+            call_handler(handler.process, item, token)
+        except Cancelled as exc:
+            if activation.token.cancelled:  # shutting down: it goes back, untouched
+                outcome = ItemOutcome.RELEASED
+            else:
+                failure = Failure.of(item_id, exc)
+        except BaseException as exc:  # an item must never take its pool thread down
+            failure = Failure.of(item_id, exc)
+        finally:
+            log_context.reset(context)
+        leaked = hygiene.open_transactions()
+        if leaked and failure is None and outcome is ItemOutcome.SUCCEEDED:
+            failure = Failure.of(
+                item_id,
+                LeakedTransaction(
+                    f"process() returned with a transaction open on {', '.join(leaked)}; "
+                    "it was rolled back, so nothing it wrote there was kept"
+                ),
+            )
+        elapsed = time.monotonic() - started
+        if not slot.end():
+            return False
+        if outcome is ItemOutcome.RELEASED:
+            self._give_back(activation, [item], "the worker is shutting down")
+        elif failure is not None:
+            outcome = ItemOutcome.FAILED
+            logger.error(
+                "Handler %s: item %s failed: %s: %s",
+                activation.name,
+                item_id,
+                failure.error_type.rsplit(".", 1)[-1],
+                failure.message,
+                exc_info=failure.exception,
+                extra=activation.log_extra(item_id),
+            )
+        self.stats.observe(activation.name, elapsed)
+        metrics.record_item(activation.name, outcome.value, elapsed)
+        step = activation.item_ended(outcome, failure)
+        self.channel.task_done(key)
+        hygiene.after_work(idle=False)
+        self._after(activation, step)
+        return True
+
+    # -- the watchdog (the coordinator) -------------------------------------------------------
+
+    def _watch(self, now: float) -> float | None:
+        """Give up fetches and items past their time-outs; returns the next deadline."""
+        deadlines: list[float] = []
+        for job in list(self._jobs.values()):
+            if job.deadline is None:
+                continue
+            if now < job.deadline:
+                deadlines.append(job.deadline)
+            elif job.give_up():
+                self._fetch_given_up(job)
+        with self._slots_lock:
+            slots = list(self._slots)
+        for slot in slots:
+            deadline, grace_until, token = slot.deadline, slot.grace_until, slot.token
+            if slot.activation is None or deadline is None or slot.given_up:
+                continue
+            if grace_until is None:
+                if now < deadline:
+                    deadlines.append(deadline)
+                    continue
+                timeout = deadline - slot.started
+                slot.grace_until = grace_until = now + min(timeout, GRACE_CAP)
+                if token is not None:
+                    token.cancel()
+                activation = slot.activation
+                if activation is not None:
+                    logger.warning(
+                        "Handler %s: item %s passed its item_timeout of %.1fs; cancelled it",
+                        activation.name,
+                        describe_item(slot.item),
+                        timeout,
+                        extra=activation.log_extra(describe_item(slot.item)),
+                    )
+            if now < grace_until:
+                deadlines.append(grace_until)
+            else:
+                self._item_given_up(slot)
+        return min(deadlines) if deadlines else None
+
+    def _fetch_given_up(self, job: FetchJob) -> None:
+        activation = job.activation
+        self._jobs.pop(activation.serial, None)
+        with self._given_up_lock:
+            self.given_up += 1
+        metrics.set_given_up_threads(self.given_up)
+        seconds = time.monotonic() - job.started
+        message = (
+            f"fetch_next did not return within its fetch_timeout of {seconds:.1f}s; it was "
+            "given up (whatever it returns later is released, not processed)"
+        )
+        logger.error("Handler %s: %s", activation.name, message, extra=activation.log_extra())
+        self.channel.unreserve(activation.name, job.ask)
+        activation.fetch_hung = True
+        step = activation.fetch_failed(message)
+        self._after(activation, step, on_coordinator=True)
+
+    def _item_given_up(self, slot: Slot) -> None:
+        taken = slot.give_up()
+        if taken is None:
+            return
+        activation, item, key, started = taken
+        with self._given_up_lock:
+            self.given_up += 1
+        metrics.set_given_up_threads(self.given_up)
+        item_id = describe_item(item)
+        seconds = time.monotonic() - started
+        failure = Failure.of(
+            item_id,
+            HungItem(
+                f"process() did not finish within {seconds:.1f}s (item_timeout "
+                f"{activation.item_timeout or 0:.1f}s and its grace); its pool thread "
+                f"{slot.thread_name} was given up and replaced"
+            ),
+        )
+        logger.error(
+            "Handler %s: item %s %s",
+            activation.name,
+            item_id,
+            failure.message,
+            extra=activation.log_extra(item_id),
+        )
+        with self._slots_lock:
+            if slot in self._slots:
+                self._slots.remove(slot)
+        if not self._stopping:
+            self._add_pool_thread()
+        activation.stop_fetching()
+        step = activation.item_ended(ItemOutcome.FAILED, failure)
+        self.channel.task_done(key)
+        metrics.record_item(activation.name, ItemOutcome.FAILED.value, seconds)
+        self._after(activation, step, on_coordinator=True)
+        # Its neighbours that never started go back to the source: other workers may take them.
+        self._fetchers.submit(
+            lambda: self._after(activation, self._release_queued(activation, "a hung neighbour"))
+        )
+
+    def _thread_back(self) -> None:
+        """A thread given up on has returned after all."""
+        with self._given_up_lock:
+            self.given_up = max(0, self.given_up - 1)
+        metrics.set_given_up_threads(self.given_up)
 
     # -- finishing ------------------------------------------------------------------------
 
-    def _finish(self, activation: Activation, *, forced: bool = False) -> None:
-        """End an activation once: ``close()`` the handler, then have its run recorded.
+    def _after(self, activation: Activation, step: Step, *, on_coordinator: bool = False) -> None:
+        if step is Step.FINISH:
+            if on_coordinator:  # the coordinator never waits on the database
+                self._fetchers.submit(lambda: self._finish(activation))
+            else:
+                self._finish(activation)
+        elif step is Step.IDLE:
+            self._waker.wake()
 
-        The scheduler hears of it at once, and the database writes (the run, the lease) go to
-        the recorder thread, so the pool thread that ran the last item takes the next at once.
-        """
-        batch = activation.begin_finish()
-        if batch is None:
-            return
-        result = activation.result
-        try:
-            self._close_handler(activation)
-            if result.status != RunStatus.FAILED:
-                if forced or result.cancelled:
-                    result.status = RunStatus.CANCELLED
-                elif result.failed:
-                    result.status = RunStatus.PARTIAL
-                else:
-                    result.status = RunStatus.SUCCEEDED
-        finally:
-            # The next activation may start while this one is recorded: its items are all
-            # done and closed. (Its lease, if any, is shared meanwhile: see _take_lease.)
-            if self._on_finished is not None:
-                self._on_finished(activation)
-            self._recorder.submit(lambda: self._record_end(activation, batch))
-
-    def _record_end(
-        self, activation: Activation, batch: tuple[int, int, list[FailureRecord]]
-    ) -> None:
-        """On the recorder thread: write the run's end, free the lease, mark the activation done."""
-        result = activation.result
-        try:
-            if activation.run_id is not None:
-                succeeded, failed, failures = batch
-                run_id = activation.run_id
-                _retrying(
-                    lambda: recording.record_progress(
-                        run_id,
-                        succeeded=succeeded,
-                        failed=failed,
-                        failures=failures,
-                        status=result.status,
-                        error=result.error,
-                    ),
-                    f"record the end of run {run_id}",
-                    activation,
-                )
-                result.run_id = activation.run_id
-                logger.info(
-                    "Handler %s run %s %s: %d fetched, %d succeeded, %d failed%s in %.2fs",
+    def _finish(self, activation: Activation) -> None:
+        """End an activation (exactly once): ``close()``, its status, its lease, its run."""
+        handler = activation.handler
+        if handler is not None and not activation.fetch_hung:
+            try:
+                handler.close()
+            except BaseException as exc:  # even SystemExit: the run must still end
+                activation.add_error(f"close() raised {format_exception(exc)}")
+                logger.error(
+                    "Handler %s: close() raised %s: %s",
                     activation.name,
-                    activation.run_id,
-                    result.status,
-                    result.fetched,
-                    result.succeeded,
-                    result.failed,
-                    f", {result.cancelled} released" if result.cancelled else "",
-                    time.monotonic() - activation.started,
+                    type(exc).__name__,
+                    safe_str(exc),
+                    exc_info=exc,
                     extra=activation.log_extra(),
                 )
-            if activation.lease_held:
-                try:
-                    self._release_lease(activation.handler_id)
-                except Exception:
-                    logger.exception(
-                        "Handler %s: could not release its lease",
-                        activation.name,
-                        extra=activation.log_extra(),
-                    )
-        finally:
-            with self._lock:
-                self._active.discard(activation)
-            activation.done.set()
-
-    def _take_lease(self, handler_id: int) -> bool:
-        """Hold the handler's lease for one more activation here; False if another process has it.
-
-        Activations of one exclusive handler may overlap in this process only while the last
-        one is being recorded; the lease is released in the database when the last lets go.
-        """
-        with self._lease_lock:
-            if self._lease_holds[handler_id]:
-                self._lease_holds[handler_id] += 1
-                return True
-            if not recording.acquire_lease(handler_id, self.lease_owner, self.lease_timeout):
-                return False
-            self._lease_holds[handler_id] = 1
-            return True
-
-    def _release_lease(self, handler_id: int) -> None:
-        with self._lease_lock:
-            self._lease_holds[handler_id] -= 1
-            if self._lease_holds[handler_id] > 0:
-                return
-            del self._lease_holds[handler_id]
-            recording.release_lease(handler_id, self.lease_owner)
-
-    def _close_handler(self, activation: Activation) -> None:
-        if activation.handler is None:
-            return
-        try:
-            activation.handler.close()
-        except Exception as exc:
-            message = f"close() raised {_format_exception(exc)}"
-            activation.result.error = (
-                f"{activation.result.error}\n{message}" if activation.result.error else message
-            )
-            logger.error(
-                "Handler %s: close() raised %s: %s",
-                activation.name,
-                type(exc).__name__,
-                exc,
-                exc_info=True,
-                extra=activation.log_extra(),
-            )
-
-    # -- leases and heartbeat -------------------------------------------------------------
-
-    def _keep_leases(self) -> None:
-        interval = max(0.05, self.lease_timeout.total_seconds() / 4)
-        try:
-            while not self._stopping.wait(interval):
-                try:
-                    if any(a.lease_held for a in self.active()):
-                        recording.renew_leases(self.lease_owner, self.lease_timeout)
-                    if self._on_beat is not None:
-                        self._on_beat()
-                except Exception:
-                    logger.exception("Heartbeat failed; retrying in %.1fs", interval)
-                finally:
-                    release_connections(idle=True)
-        finally:
-            connections.close_all()
-
-
-RECORDER_BACKLOG = 32
-"""Runs waiting to be written before a finishing activation waits for the recorder.
-
-The bound is the back-pressure that keeps memory flat when activations end faster than the
-database takes their runs: each waiting run holds its activation's handler and results.
-"""
-
-
-class Recorder:
-    """One thread that writes runs in the order they are handed over, off the pool's back."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.Queue[Callable[[], object] | None] = queue.Queue(RECORDER_BACKLOG)
-        self._thread = threading.Thread(target=self._run, name="workitems-recorder", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, job: Callable[[], object]) -> None:
-        if self._thread.is_alive():
-            self._jobs.put(job)
-        else:  # not started, or stopped: write in the calling thread
-            self._do(job)
-
-    def stop(self, timeout: float) -> None:
-        """Write what was handed over (for up to ``timeout`` seconds), then stop."""
-        if self._thread.is_alive():
-            deadline = time.monotonic() + timeout
+        status = activation.conclude()
+        if activation.lease is not None:
             try:
-                self._jobs.put(None, timeout=timeout)
-            except queue.Full:
-                return
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-
-    def _run(self) -> None:
-        try:
-            while True:
-                try:
-                    job = self._jobs.get(timeout=IDLE_AFTER)
-                except queue.Empty:
-                    release_connections(idle=True)
-                    job = self._jobs.get()
-                if job is None:
-                    break
-                self._do(job)
-        finally:
-            connections.close_all()
-
-    @staticmethod
-    def _do(job: Callable[[], object]) -> None:
-        try:
-            job()
-        except Exception:
-            logger.exception("Recording a run failed")
-        finally:
-            release_connections(idle=False)
-
-
-RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
-"""Pauses between attempts at writing a run's end while the database is unreachable."""
-
-
-def _retrying(write: Callable[[], object], what: str, activation: Activation) -> None:
-    """Write, retrying on database errors: a run left ``running`` would look alive forever."""
-    for delay in (*RETRY_DELAYS, None):
-        try:
-            write()
-            return
-        except DatabaseError:
-            if delay is None:
-                logger.exception(
-                    "Handler %s: could not %s", activation.name, what, extra=activation.log_extra()
+                self.keeper.release(activation.lease)
+            except Exception:
+                logger.warning(
+                    "Handler %s: could not release its lease (it expires by itself)",
+                    activation.name,
+                    exc_info=True,
+                    extra=activation.log_extra(),
                 )
-                return
-            logger.warning(
-                "Handler %s: could not %s; retrying in %.1fs",
+        if activation.is_run:
+            result = activation.result()
+            metrics.record_run(activation.name, status.value)
+            logger.info(
+                "Handler %s run %s %s: %d fetched, %d succeeded, %d failed%s in %.2fs",
                 activation.name,
-                what,
-                delay,
+                activation.run_id if activation.run_id is not None else "(not yet written)",
+                status.value,
+                result.fetched,
+                result.succeeded,
+                result.failed,
+                f", {result.released} released" if result.released else "",
+                time.monotonic() - activation.started,
                 extra=activation.log_extra(),
             )
-            connections.close_all()  # this thread's connection may be the broken one
-            time.sleep(delay)
+        self.recorder.ended(activation)
+        activation.finished.set()
+        self._post(Finished(activation))
+
+    # -- one cycle ------------------------------------------------------------------------
+
+    def run_cycle(
+        self,
+        handlers: Sequence[tuple[Registration, int]],
+        *,
+        stopped: Callable[[], bool] = lambda: False,
+    ) -> CycleResult:
+        """One cycle: activate each (registration, handler row id), run until all have ended.
+
+        Every handler may process up to its ``max_items_per_cycle`` items: when its share of
+        the channel is smaller, it is fetched again within the cycle. Returns as soon as the
+        last activation has ended, or when ``stopped()`` says so.
+        """
+        self.start()
+        activations = [
+            a
+            for a in (self.activate(reg, handler_id=handler_id) for reg, handler_id in handlers)
+            if a is not None
+        ]
+        while not stopped():
+            result = self.step()
+            if all(a.finished.is_set() for a in activations):
+                break
+            timeout = 1.0
+            if result.next_deadline is not None:
+                timeout = min(timeout, max(0.0, result.next_deadline - time.monotonic()))
+            self.wait(timeout)
+        self.step()
+        cycle = CycleResult()
+        for activation in activations:
+            cycle.handlers[activation.name] = activation.result()
+        return cycle
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def stop(self, timeout: float, abort: Callable[[], bool] | None = None) -> None:
+        """Shut down: release unstarted items, give items in process ``timeout`` seconds.
+
+        Activations still unfinished then are recorded ``cancelled`` (their items still in
+        process counted failed); the last writes get a few seconds more, on their own threads,
+        so the database cannot hold the process.
+        """
+        self._stopping = True
+        self.token.cancel()
+        self.channel.close()
+        by_activation: dict[Activation, list[Any]] = {}
+        for _key, (activation, item) in self.channel.drain():
+            by_activation.setdefault(activation, []).append(item)
+        for activation, items in by_activation.items():
+            activation.stop_fetching(cancelled=True)
+            self._fetchers.submit(
+                lambda a=activation, i=items: self._after(  # type: ignore[misc]
+                    a, self._released(a, i)
+                )
+            )
+        for activation in list(self._live.values()):
+            self._after(activation, activation.stop_fetching(cancelled=True), on_coordinator=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if abort is not None and abort():
+                return
+            self.step()
+            if not self._live:
+                break
+            self.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+        with self._slots_lock:
+            slots = list(self._slots)
+        for slot in slots:
+            taken = slot.give_up()
+            if taken is None:
+                continue
+            activation, item, _key, _started = taken
+            item_id = describe_item(item)
+            activation.item_ended(
+                ItemOutcome.FAILED,
+                Failure.of(
+                    item_id,
+                    HungItem(f"still in process after the shutdown timeout of {timeout:.1f}s"),
+                ),
+            )
+        for activation in list(self._live.values()):
+            if activation.force_finish(
+                f"Items still in process after the shutdown timeout of {timeout:.1f}s."
+            ):
+                logger.warning(
+                    "Handler %s: items still in process after the shutdown timeout of %.1fs",
+                    activation.name,
+                    timeout,
+                    extra=activation.log_extra(),
+                )
+                self._fetchers.submit(lambda a=activation: self._finish(a))  # type: ignore[misc]
+        final = time.monotonic() + FINAL_WRITES_TIMEOUT
+        while self._live and time.monotonic() < final:
+            if abort is not None and abort():
+                return
+            self.step()
+            self.wait(0.05)
+        self.recorder.stop(max(0.1, final - time.monotonic()) + 1.0)
+        self.keeper.stop(max(0.1, final - time.monotonic()) + 1.0)
+        self._fetchers.stop()
+
+    def _released(self, activation: Activation, items: list[Any]) -> Step:
+        self._give_back(activation, items, "the worker is shutting down")
+        return activation.items_released(len(items))
 
 
-def _format_exception(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc))
+def _seconds(duration: Any) -> float | None:
+    return None if duration is None else float(duration.total_seconds())
+
+
+def _isolate(handler: Any, item: Any) -> bool:
+    try:
+        return bool(handler.isolate(item))
+    except Exception:
+        logger.exception("isolate() raised; processing the item normally")
+        return False
+
+
+def _is_coroutine_function(method: Any) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(method)
+
+
+def results_of(activations: Iterable[Activation]) -> dict[str, ActivationResult]:
+    return {a.name: a.result() for a in activations}

@@ -1,39 +1,39 @@
-"""Everything that writes handler rows, runs, failures, leases and worker heartbeats.
+"""Everything that writes handler rows, runs, failures and worker rows.
 
-The processing code talks to the database only through this module, so the run models have
-one owner and counters are written once per batch, never once per item.
+:class:`RunRecorder` is the one writer of runs once they exist: progress and end, from the
+activation's own counts (absolute values, so a write retried after a lost reply never counts
+twice), retried until the database answers. Leases live in :mod:`django_workitems.leases`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from django.db import DEFAULT_DB_ALIAS, transaction
-from django.db.models import F, Q, Subquery
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, transaction
+from django.db.models import DateTimeField, ExpressionWrapper, F, Q
+from django.db.models.expressions import CombinedExpression
+from django.db.models.functions import Now
 from django.utils import timezone
 
-from . import wakeups
-from .models import Handler, HandlerRun, ItemFailure, RunStatus, Worker, lease_is_free
+from . import hygiene, wakeups
+from .models import Handler, HandlerRun, ItemFailure, RunStatus, Worker
 from .registry import Registration
+
+if TYPE_CHECKING:
+    from .activation import Activation, Failure, RunSnapshot
+
+logger = logging.getLogger("django_workitems.recording")
 
 MAX_MESSAGE = 10_000
 MAX_TRACEBACK = 50_000
-
-
-@dataclass(frozen=True)
-class FailureRecord:
-    """A failed item, ready to be written as an :class:`ItemFailure`."""
-
-    item_id: str
-    error_type: str
-    message: str
-    traceback: str
-    occurred_at: datetime
 
 
 def sync_handlers(registrations: Iterable[Registration]) -> dict[str, Handler]:
@@ -102,6 +102,13 @@ def request_run(name: str, using: str = DEFAULT_DB_ALIAS) -> bool:
     return updated == 1
 
 
+def _db_now_minus(delta: timedelta) -> ExpressionWrapper[CombinedExpression]:
+    return ExpressionWrapper(Now() - delta, output_field=DateTimeField())
+
+
+# Runs --------------------------------------------------------------------------------------
+
+
 def create_run(
     handler_id: int,
     *,
@@ -111,7 +118,18 @@ def create_run(
     status: str = RunStatus.RUNNING,
     error: str = "",
 ) -> int:
-    """Insert the run of an activation once its fetch has returned; returns its id."""
+    """Insert the run of an activation once its first fetch returned; returns its id.
+
+    Idempotent for one activation (same handler, worker and start time): a retry after a lost
+    reply finds the row the first attempt inserted instead of adding a second one.
+    """
+    existing = (
+        HandlerRun.objects.filter(handler_id=handler_id, worker_id=worker_id, started_at=started_at)  # type: ignore[misc]  # worker_id None matches no row: then a run is inserted
+        .values_list("pk", flat=True)
+        .first()
+    )
+    if existing is not None:
+        return int(existing)
     run = HandlerRun.objects.create(
         handler_id=handler_id,
         worker_id=worker_id,
@@ -121,95 +139,67 @@ def create_run(
         error=error[:MAX_MESSAGE],
         finished_at=None if status == RunStatus.RUNNING else timezone.now(),
     )
-    return run.pk
+    return int(run.pk)
 
 
-def record_progress(
-    run_id: int,
-    *,
-    succeeded: int,
-    failed: int,
-    failures: Sequence[FailureRecord],
-    status: str | None = None,
-    error: str | None = None,
-) -> None:
-    """Add a batch of outcomes to a run; with ``status``, also finish it.
+def write_failures(run_id: int, failures: Sequence[Failure]) -> None:
+    ItemFailure.objects.bulk_create(
+        ItemFailure(
+            run_id=run_id,
+            item_id=f.item_id[:255],
+            error_type=f.error_type[:255],
+            message=f.message[:MAX_MESSAGE],
+            traceback=f.traceback[-MAX_TRACEBACK:],
+            occurred_at=f.occurred_at,
+        )
+        for f in failures
+    )
 
-    Counts are added whatever the run's status (a progress batch may land after the finish);
-    the status is only changed while the run is ``running``, so a run that another worker
-    marked ``abandoned`` stays so. The handler's all-time totals get the same counts (and one
-    run when this call finishes it) in one more UPDATE, so they outlive pruned runs.
+
+def write_run(run_id: int, handler_id: int, snapshot: RunSnapshot) -> None:
+    """Write a run's counts (absolute) and new failures; with a status, also end it.
+
+    The status changes only while the run is ``running`` (a run another worker marked
+    ``abandoned`` keeps that status but gets its counts), and the handler's all-time totals
+    get the run's counts in the same transaction as that change: exactly once.
     """
-    counts: dict[str, Any] = {}
-    totals: dict[str, Any] = {}
-    if succeeded:
-        counts["items_succeeded"] = F("items_succeeded") + succeeded
-        totals["total_items_succeeded"] = F("total_items_succeeded") + succeeded
-    if failed:
-        counts["items_failed"] = F("items_failed") + failed
-        totals["total_items_failed"] = F("total_items_failed") + failed
+    counts = {
+        "items_fetched": snapshot.fetched,
+        "items_succeeded": snapshot.succeeded,
+        "items_failed": snapshot.failed,
+    }
     with transaction.atomic():
-        if status is not None:
-            ending: dict[str, Any] = {"status": status, "finished_at": timezone.now()}
-            if error:
-                ending["error"] = error[:MAX_MESSAGE]
-            # The usual case in one statement; a run no longer running only gets its counts.
+        if snapshot.status is None:
+            HandlerRun.objects.filter(pk=run_id).update(**counts)
+        else:
+            ending: dict[str, Any] = {"status": snapshot.status, "finished_at": timezone.now()}
+            if snapshot.error:
+                ending["error"] = snapshot.error[:MAX_MESSAGE]
             if HandlerRun.objects.filter(pk=run_id, status=RunStatus.RUNNING).update(
                 **counts, **ending
             ):
-                totals["total_runs"] = F("total_runs") + 1
-            elif counts:
+                _add_totals(handler_id, snapshot.succeeded, snapshot.failed)
+            else:
                 HandlerRun.objects.filter(pk=run_id).update(**counts)
-        elif counts:
-            HandlerRun.objects.filter(pk=run_id).update(**counts)
-        if failures:
-            ItemFailure.objects.bulk_create(
-                ItemFailure(
-                    run_id=run_id,
-                    item_id=f.item_id[:255],
-                    error_type=f.error_type[:255],
-                    message=f.message[:MAX_MESSAGE],
-                    traceback=f.traceback[-MAX_TRACEBACK:],
-                    occurred_at=f.occurred_at,
-                )
-                for f in failures
-            )
-        if totals:
-            # Last, so the lock on the handler row, which every worker of a scaled-out
-            # handler shares, is held only until the commit.
-            Handler.objects.filter(
-                pk=Subquery(HandlerRun.objects.filter(pk=run_id).values("handler_id")[:1])
-            ).update(**totals)
+        if snapshot.failures:
+            write_failures(run_id, snapshot.failures)
 
 
-# Leases of exclusive handlers -------------------------------------------------------------
-
-
-def acquire_lease(handler_id: int, owner: str, ttl: timedelta) -> bool:
-    """Take the handler's lease with one conditional UPDATE; True when this owner holds it."""
-    now = timezone.now()
-    taken = (
-        Handler.objects.filter(pk=handler_id)
-        .filter(lease_is_free(now) | Q(lease_owner=owner))
-        .update(lease_owner=owner, lease_expires_at=now + ttl)
-    )
-    return taken == 1
-
-
-def renew_leases(owner: str, ttl: timedelta) -> int:
-    """Push back the expiry of every lease ``owner`` holds; returns how many."""
-    return Handler.objects.filter(lease_owner=owner).update(lease_expires_at=timezone.now() + ttl)
-
-
-def release_lease(handler_id: int, owner: str) -> None:
-    """Give up the lease if ``owner`` still holds it."""
-    Handler.objects.filter(pk=handler_id, lease_owner=owner).update(
-        lease_owner="", lease_expires_at=None
+def _add_totals(handler_id: int, succeeded: int, failed: int) -> None:
+    # Last in its transaction, so the lock on the handler row, which every worker of a
+    # scaled-out handler shares, is held only until the commit.
+    Handler.objects.filter(pk=handler_id).update(
+        total_runs=F("total_runs") + 1,
+        total_items_succeeded=F("total_items_succeeded") + succeeded,
+        total_items_failed=F("total_items_failed") + failed,
     )
 
 
-def lease_holder(handler_id: int) -> str:
-    return Handler.objects.filter(pk=handler_id).values_list("lease_owner", flat=True).first() or ""
+def mark_checked(handler_ids: Iterable[int]) -> None:
+    """``Handler.last_checked_at`` = the database's now, for handlers just fetched."""
+    ids = sorted(set(handler_ids))
+    if ids:
+        Handler.objects.filter(pk__in=ids).update(last_checked_at=Now())
 
 
 # Workers -------------------------------------------------------------------------------
@@ -217,22 +207,239 @@ def lease_holder(handler_id: int) -> str:
 
 def register_worker() -> Worker:
     """Insert the ``Worker`` row of this process."""
-    return Worker.objects.create(hostname=socket.gethostname()[:255], pid=os.getpid())
+    worker = Worker.objects.create(hostname=socket.gethostname()[:255], pid=os.getpid())
+    heartbeat(worker.pk)  # on the database's clock, like every later beat
+    return worker
 
 
 def heartbeat(worker_id: int) -> None:
-    Worker.objects.filter(pk=worker_id).update(last_heartbeat_at=timezone.now())
+    Worker.objects.filter(pk=worker_id).update(last_heartbeat_at=Now())
 
 
 def stop_worker(worker_id: int) -> None:
-    Worker.objects.filter(pk=worker_id).update(stopped_at=timezone.now())
+    Worker.objects.filter(pk=worker_id).update(stopped_at=Now())
 
 
-def abandon_runs_of_dead_workers(lease_timeout: timedelta) -> int:
-    """Mark ``abandoned`` the running runs whose worker stopped or stopped heartbeating."""
-    dead = Worker.objects.dead(lease_timeout).values("pk")
-    return HandlerRun.objects.filter(status=RunStatus.RUNNING, worker__in=dead).update(
-        status=RunStatus.ABANDONED,
-        finished_at=timezone.now(),
-        error="Its worker stopped heartbeating before the run finished.",
+def dead_workers(lease_timeout: timedelta) -> Q:
+    """Workers that stopped, or whose last heartbeat is ``lease_timeout`` old on the DB clock."""
+    return Q(stopped_at__isnull=False) | Q(last_heartbeat_at__lt=_db_now_minus(lease_timeout))
+
+
+def abandon_runs_of_dead_workers(lease_timeout: timedelta) -> list[str]:
+    """Mark ``abandoned`` the running runs whose worker stopped or stopped heartbeating.
+
+    Returns the names of their handlers (so a live worker can take their work over at once).
+    Each run's counts so far go into its handler's totals with the change of status.
+    """
+    dead = Worker.objects.filter(dead_workers(lease_timeout)).values("pk")
+    runs = list(
+        HandlerRun.objects.filter(status=RunStatus.RUNNING, worker__in=dead).values_list(
+            "pk", "handler_id", "handler__name", "items_succeeded", "items_failed"
+        )[:1000]
     )
+    names = []
+    for run_id, handler_id, name, succeeded, failed in runs:
+        with transaction.atomic():
+            if HandlerRun.objects.filter(pk=run_id, status=RunStatus.RUNNING).update(
+                status=RunStatus.ABANDONED,
+                finished_at=timezone.now(),
+                error="Its worker stopped heartbeating before the run finished.",
+            ):
+                _add_totals(handler_id, succeeded, failed)
+                names.append(name)
+    return sorted(set(names))
+
+
+# The run recorder ------------------------------------------------------------------------
+
+MAX_PENDING_RUNS = 1_000
+"""Runs kept for writing before new activations wait: memory stays bounded in an outage."""
+
+FLUSH_INTERVAL = 2.0
+"""Seconds between progress writes of a long run (counts and failures, in one transaction)."""
+
+RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+"""Pauses between attempts while the database does not answer (the last one repeats)."""
+
+
+@dataclass
+class _Run:
+    activation: Activation
+    run_id: int | None
+    failures_written: int = 0
+    written: tuple[int, int, int] | None = None
+    ended: bool = False
+
+
+class RunRecorder:
+    """One thread that writes every run's progress and end, retrying until the database answers.
+
+    Activations register when their first fetch returned (:meth:`track`) and report their end
+    (:meth:`ended`); the recorder reads their counts itself (the activation owns them), writes
+    progress every ``FLUSH_INTERVAL`` and the end as soon as it is reported. Nothing is dropped
+    while the database is away: the runs wait here (at most ``MAX_PENDING_RUNS``; the service
+    starts no activation while the recorder is that far behind).
+    """
+
+    def __init__(self, *, worker_id: int | None) -> None:
+        self.worker_id = worker_id
+        self._runs: dict[int, _Run] = {}  # by activation serial, in the order they started
+        self._checked: set[int] = set()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="workitems-recorder", daemon=True)
+        self._idle = threading.Event()
+        self._idle.set()
+        self.failing_since: float | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def backlog(self) -> int:
+        """Runs waiting to be written or ended."""
+        with self._cond:
+            return sum(1 for run in self._runs.values() if run.ended or run.run_id is None)
+
+    def track(self, activation: Activation, run_id: int | None) -> None:
+        """Follow an activation's run (``run_id`` None: its INSERT failed, the recorder retries)."""
+        with self._cond:
+            self._runs[activation.serial] = _Run(activation, run_id)
+            self._idle.clear()
+            if run_id is None:
+                self._cond.notify()
+
+    def checked(self, handler_id: int) -> None:
+        """A handler was just fetched: its ``last_checked_at`` is written soon."""
+        with self._cond:
+            self._checked.add(handler_id)
+            self._idle.clear()
+            self._cond.notify()
+
+    def ended(self, activation: Activation) -> None:
+        """An activation finished: write its run's end (if it was a run)."""
+        with self._cond:
+            run = self._runs.get(activation.serial)
+            if run is None:
+                if not activation.is_run:
+                    return
+                run = self._runs[activation.serial] = _Run(activation, activation.run_id)
+            run.ended = True
+            self._idle.clear()
+            self._cond.notify()
+
+    def stop(self, timeout: float) -> bool:
+        """Write what is pending (for up to ``timeout`` seconds), then stop; True if all was."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        with self._cond:
+            left = [run for run in self._runs.values() if run.ended or run.run_id is None]
+        if left:
+            logger.error(
+                "%d runs could not be written before the shutdown deadline; other workers will "
+                "mark them abandoned",
+                len(left),
+            )
+        return not left
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until nothing is pending (for ``run_once``)."""
+        return self._idle.wait(timeout)
+
+    # -- the recorder thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        delay_index = 0
+        next_progress = time.monotonic() + FLUSH_INTERVAL
+        try:
+            while True:
+                with self._cond:
+                    if not self._urgent():
+                        if self._stopping:
+                            break
+                        self._idle.set()
+                        self._cond.wait(max(0.0, next_progress - time.monotonic()))
+                    stopping = self._stopping
+                progress = time.monotonic() >= next_progress or stopping
+                try:
+                    self._write(progress=progress)
+                except DatabaseError:
+                    if self.failing_since is None:
+                        self.failing_since = time.monotonic()
+                        logger.warning(
+                            "Could not write runs; keeping them and retrying", exc_info=True
+                        )
+                    hygiene.close_all()
+                    delay = RETRY_DELAYS[min(delay_index, len(RETRY_DELAYS) - 1)]
+                    delay_index += 1
+                    with self._cond:
+                        if not self._stopping:
+                            self._cond.wait(delay)
+                    continue
+                except Exception:
+                    logger.exception("Could not write runs")
+                    with self._cond:
+                        self._cond.wait(1.0)
+                    continue
+                if self.failing_since is not None:
+                    logger.warning(
+                        "Runs written again after %.1fs", time.monotonic() - self.failing_since
+                    )
+                    self.failing_since = None
+                delay_index = 0
+                if progress:
+                    next_progress = time.monotonic() + FLUSH_INTERVAL
+                hygiene.after_work(idle=False)
+        finally:
+            self._idle.set()
+            hygiene.close_all()
+
+    def _urgent(self) -> bool:
+        return bool(self._checked) or any(
+            run.ended or run.run_id is None for run in self._runs.values()
+        )
+
+    def _write(self, *, progress: bool) -> None:
+        with self._cond:
+            checked = set(self._checked)
+            runs = [
+                run for run in self._runs.values() if run.ended or run.run_id is None or progress
+            ]
+        if checked:
+            mark_checked(checked)
+            with self._cond:
+                self._checked -= checked
+        for run in runs:
+            self._write_run(run)
+
+    def _write_run(self, run: _Run) -> None:
+        activation = run.activation
+        if run.run_id is None:
+            run.run_id = create_run(
+                activation.handler_id,
+                worker_id=self.worker_id,
+                started_at=activation.started_at,
+                items_fetched=activation.fetched,
+            )
+            activation.run_id = run.run_id
+        snapshot = activation.snapshot(failures_from=run.failures_written)
+        final = run.ended and snapshot.status is not None
+        counts = (snapshot.fetched, snapshot.succeeded, snapshot.failed)
+        if final or counts != run.written or snapshot.failures:
+            if not final:
+                snapshot = replace_status(snapshot, None)
+            write_run(run.run_id, activation.handler_id, snapshot)
+            run.failures_written += len(snapshot.failures)
+            run.written = counts
+        if final:
+            with self._cond:
+                self._runs.pop(activation.serial, None)
+
+
+def replace_status(snapshot: RunSnapshot, status: RunStatus | None) -> RunSnapshot:
+    from dataclasses import replace
+
+    return replace(snapshot, status=status)

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import inspect
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .activation import Failure, describe_item
 from .exceptions import Cancelled
-from .handlers import CancellationToken, WorkItemHandler, call_handler, describe_item
+from .handlers import CancellationToken, WorkItemHandler, call_handler
 
-
-@dataclass
-class Failure:
-    """One item whose ``process`` raised."""
-
-    item_id: str
-    exception: BaseException
-    traceback: str = ""
+__all__ = ["Failure", "HandlerResult", "run_handler"]
 
 
 @dataclass
@@ -69,7 +62,7 @@ def run_handler(
                     result.released.append(item)
                     continue
                 result.failed += 1
-                result.failures.append(Failure(describe_item(item), exc, traceback.format_exc()))
+                result.failures.append(Failure.of(describe_item(item), exc))
             else:
                 result.succeeded += 1
         if result.released:

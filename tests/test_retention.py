@@ -13,9 +13,10 @@ from django.utils import timezone
 
 import django_workitems as workitems
 from django_workitems import recording
+from django_workitems.activation import Failure, RunSnapshot
 from django_workitems.housekeeping import PRUNE_RUNS_HANDLER, PruneRunsHandler
 from django_workitems.models import Handler, HandlerRun, ItemFailure, RunStatus
-from django_workitems.recording import FailureRecord, sync_handlers
+from django_workitems.recording import sync_handlers
 from django_workitems.registry import registry as default_registry
 from django_workitems.testing import run_handler
 from tests.factories import HandlerFactory, HandlerRunFactory, ItemFailureFactory
@@ -134,16 +135,34 @@ def test_totals_are_kept_as_runs_finish_and_survive_pruning():
     assert prune.total_runs == 1 and prune.total_items_succeeded == 1  # its own run: one batch
 
 
+def _snapshot(succeeded, failed, failures=(), status=None, fetched=5):
+    return RunSnapshot(
+        fetched=fetched,
+        succeeded=succeeded,
+        failed=failed,
+        failures=tuple(failures),
+        status=status,
+        error="",
+    )
+
+
 @pytest.mark.django_db
-def test_record_progress_adds_to_the_totals_in_one_update_per_batch():
+def test_progress_writes_absolute_counts_and_the_end_adds_the_totals_once():
     handler = HandlerFactory()
     run_id = recording.create_run(
         handler.pk, worker_id=None, started_at=timezone.now(), items_fetched=5
     )
-    failure = FailureRecord("7", "builtins.ValueError", "bad", "tb", timezone.now())
+    failure = Failure("7", "builtins.ValueError", "bad", "tb", timezone.now())
+
+    recording.write_run(run_id, handler.pk, _snapshot(3, 1, [failure]))
+    recording.write_run(run_id, handler.pk, _snapshot(3, 1))  # a retry: nothing doubles
+    run = HandlerRun.objects.get(pk=run_id)
+    assert (run.items_succeeded, run.items_failed, run.status) == (3, 1, RunStatus.RUNNING)
+    handler.refresh_from_db()
+    assert handler.total_runs == handler.total_items_succeeded == 0  # added at the end
 
     with CaptureQueriesContext(connection) as ctx:
-        recording.record_progress(run_id, succeeded=3, failed=1, failures=[failure])
+        recording.write_run(run_id, handler.pk, _snapshot(4, 1, status=RunStatus.PARTIAL))
     handler_updates = [
         q["sql"]
         for q in ctx.captured_queries
@@ -152,18 +171,11 @@ def test_record_progress_adds_to_the_totals_in_one_update_per_batch():
     assert len(handler_updates) == 1
     handler.refresh_from_db()
     assert (handler.total_runs, handler.total_items_succeeded, handler.total_items_failed) == (
-        0,
-        3,
-        1,
-    )
-
-    recording.record_progress(run_id, succeeded=1, failed=0, failures=[], status="partial")
-    handler.refresh_from_db()
-    assert (handler.total_runs, handler.total_items_succeeded, handler.total_items_failed) == (
         1,
         4,
         1,
     )
+    assert ItemFailure.objects.filter(run_id=run_id).count() == 1
 
 
 @pytest.mark.django_db
@@ -172,17 +184,27 @@ def test_a_run_finished_twice_counts_once():
     run_id = recording.create_run(
         handler.pk, worker_id=None, started_at=timezone.now(), items_fetched=1
     )
-    recording.record_progress(run_id, succeeded=1, failed=0, failures=[], status="succeeded")
-    recording.record_progress(run_id, succeeded=0, failed=0, failures=[], status="succeeded")
-    HandlerRun.objects.filter(pk=run_id).update(status=RunStatus.ABANDONED)
+    done = _snapshot(1, 0, status=RunStatus.SUCCEEDED, fetched=1)
+    recording.write_run(run_id, handler.pk, done)
+    recording.write_run(run_id, handler.pk, done)  # the reply to the first was lost
     late = recording.create_run(
         handler.pk, worker_id=None, started_at=timezone.now(), items_fetched=1
     )
     HandlerRun.objects.filter(pk=late).update(status=RunStatus.ABANDONED)
-    recording.record_progress(late, succeeded=1, failed=0, failures=[], status="succeeded")
+    recording.write_run(late, handler.pk, done)
     handler.refresh_from_db()
-    # Items of the abandoned run still count; the run itself was not finished by its worker.
-    assert (handler.total_runs, handler.total_items_succeeded) == (1, 2)
+    # The abandoned run keeps its status and gets its counts; it was not finished by its worker.
+    assert (handler.total_runs, handler.total_items_succeeded) == (1, 1)
+    assert HandlerRun.objects.get(pk=late).items_succeeded == 1
+
+
+@pytest.mark.django_db
+def test_create_run_is_idempotent_for_one_activation():
+    handler = HandlerFactory()
+    started = timezone.now()
+    first = recording.create_run(handler.pk, worker_id=None, started_at=started, items_fetched=1)
+    again = recording.create_run(handler.pk, worker_id=None, started_at=started, items_fetched=1)
+    assert first == again and HandlerRun.objects.count() == 1
 
 
 @pytest.mark.django_db(transaction=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -9,6 +10,8 @@ from django.test import override_settings
 from django.utils import timezone
 
 from django_workitems import recording
+from django_workitems.activation import RunSnapshot
+from django_workitems.leases import LeaseKeeper
 from django_workitems.models import Handler, HandlerRun, RunStatus, Worker
 from tests.conftest import wait_for
 from tests.factories import HandlerFactory, HandlerRunFactory, WorkerFactory
@@ -24,7 +27,8 @@ def test_runs_of_a_dead_worker_are_abandoned_and_live_ones_kept():
     live_run = HandlerRunFactory(worker=alive, status=RunStatus.RUNNING)
     finished = HandlerRunFactory(worker=dead, status=RunStatus.SUCCEEDED)
 
-    assert recording.abandon_runs_of_dead_workers(timedelta(minutes=1)) == 2
+    names = recording.abandon_runs_of_dead_workers(timedelta(minutes=1))
+    assert names == sorted({dead_run.handler.name, stopped_run.handler.name})
 
     for run in (dead_run, stopped_run, live_run, finished):
         run.refresh_from_db()
@@ -39,31 +43,54 @@ def test_runs_of_a_dead_worker_are_abandoned_and_live_ones_kept():
 @pytest.mark.django_db
 def test_an_abandoned_run_is_not_overwritten_by_its_late_worker():
     run = HandlerRunFactory(status=RunStatus.ABANDONED)
-    recording.record_progress(
-        run.pk, succeeded=3, failed=0, failures=[], status=RunStatus.SUCCEEDED
+    snapshot = RunSnapshot(
+        fetched=3, succeeded=3, failed=0, failures=(), status=RunStatus.SUCCEEDED, error=""
     )
+    recording.write_run(run.pk, run.handler_id, snapshot)
     run.refresh_from_db()
-    assert run.status == RunStatus.ABANDONED
+    assert run.status == RunStatus.ABANDONED and run.items_succeeded == 3
 
 
 @pytest.mark.django_db
-def test_lease_is_taken_with_one_conditional_update():
+def test_lease_is_taken_with_one_conditional_update_on_the_database_clock():
     handler = HandlerFactory()
     ttl = timedelta(minutes=1)
-    assert recording.acquire_lease(handler.pk, "worker:1", ttl)
-    assert recording.acquire_lease(handler.pk, "worker:1", ttl)  # the holder may re-take it
-    assert not recording.acquire_lease(handler.pk, "worker:2", ttl)
-    recording.release_lease(handler.pk, "worker:2")  # not the holder: no effect
-    assert recording.lease_holder(handler.pk) == "worker:1"
+    one = LeaseKeeper(owner="worker:1", ttl=ttl)
+    two = LeaseKeeper(owner="worker:2", ttl=ttl)
+    first = one.acquire(handler.pk)
+    assert first is not None and first.valid()
+    assert one.acquire(handler.pk) is not None  # the holder may re-take it
+    assert two.acquire(handler.pk) is None
+    assert one.holder(handler.pk) == "worker:1"
     Handler.objects.filter(pk=handler.pk).update(
         lease_expires_at=timezone.now() - timedelta(seconds=1)
     )
-    assert recording.acquire_lease(handler.pk, "worker:2", ttl)
-    assert recording.renew_leases("worker:2", timedelta(hours=1)) == 1
+    taken = two.acquire(handler.pk)
+    assert taken is not None
+    two.ttl = timedelta(hours=1)
+    two.renew()
     handler.refresh_from_db()
     assert handler.lease_expires_at > timezone.now() + timedelta(minutes=59)
-    recording.release_lease(handler.pk, "worker:2")
-    assert recording.lease_holder(handler.pk) == ""
+    # The first holder learns at its next renewal that the lease is gone: fenced for good.
+    one.renew()
+    assert not first.valid() and all(not lease.valid() for lease in one.held())
+    two.release(taken)
+    assert two.holder(handler.pk) == "" and not taken.valid()
+
+
+@pytest.mark.django_db
+def test_a_lease_not_renewed_within_its_timeout_is_fenced_in_this_process(monkeypatch):
+    handler = HandlerFactory()
+    keeper = LeaseKeeper(owner="worker:1", ttl=timedelta(seconds=10))
+    lease = keeper.acquire(handler.pk)
+    assert lease is not None and lease.valid()
+    # A stall (SIGSTOP, a long GC pause, an outage) longer than the lease: monotonic time moves.
+    real = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: real() + 11)
+    assert not lease.valid()
+    monkeypatch.setattr(time, "monotonic", real)
+    keeper.renew()  # the renewal itself succeeds (nobody took it), but trust is not restored
+    assert not lease.valid()
 
 
 @pytest.mark.django_db(transaction=True)

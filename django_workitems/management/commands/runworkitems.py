@@ -39,11 +39,20 @@ def _positive(value: str) -> int:
 
 
 class Command(BaseCommand):
-    help = "Run the registered work item handlers until SIGTERM or SIGINT (or once, with --once)."
+    help = (
+        "Run the registered work item handlers until SIGTERM or SIGINT (one cycle with --once, "
+        "until no work is left with --drain)."
+    )
     requires_system_checks: list[str] = []  # checked in handle(), to exit 2 on bad settings
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--once", action="store_true", help="Run one cycle, then exit.")
+        mode = parser.add_mutually_exclusive_group()
+        mode.add_argument("--once", action="store_true", help="Run one cycle, then exit.")
+        mode.add_argument(
+            "--drain",
+            action="store_true",
+            help="Run cycles until one in which no handler fetched anything, then exit.",
+        )
         parser.add_argument(
             "--handler",
             action="append",
@@ -103,12 +112,22 @@ class Command(BaseCommand):
             raise CommandError(
                 "No handlers selected: none are registered, or none match.", returncode=EXIT_USAGE
             )
-        if not options["once"]:
+        if not (options["once"] or options["drain"]):
             service.run()
+            if service.exit_code:
+                raise CommandError(
+                    "too many threads were given up on hung calls; exiting so that the "
+                    "supervisor starts a fresh worker",
+                    returncode=service.exit_code,
+                )
             return
-        result = service.run_once()
+        result = service.run_drain() if options["drain"] else service.run_once()
         for outcome in result:
-            state = (outcome.skipped and f"skipped ({outcome.skipped})") or outcome.status or "-"
+            state = (
+                (outcome.skipped and f"skipped ({outcome.skipped})")
+                or (outcome.status and outcome.status.value)
+                or "nothing to do"
+            )
             self.stdout.write(
                 f"{outcome.handler}: {state}, {outcome.fetched} fetched, "
                 f"{outcome.succeeded} succeeded, {outcome.failed} failed"
