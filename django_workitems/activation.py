@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from django.utils import timezone
 
 from .handlers import CancellationToken, WorkItemHandler
-from .models import RunStatus
+from .status import RunStatus
 
 if TYPE_CHECKING:
     from .leases import Lease

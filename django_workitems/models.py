@@ -15,6 +15,7 @@ from model_utils.fields import StatusField
 from model_utils.models import TimeStampedModel
 
 from .handlers import Purpose
+from .status import RunStatus
 
 _W = TypeVar("_W", bound="WorkItemModel")
 
@@ -123,15 +124,6 @@ class Handler(TimeStampedModel):
 
     def __str__(self) -> str:
         return self.name
-
-
-class RunStatus(models.TextChoices):
-    RUNNING = "running", _("Running")
-    SUCCEEDED = "succeeded", _("Succeeded")
-    PARTIAL = "partial", _("Partial (some items failed)")
-    FAILED = "failed", _("Failed (the fetch failed)")
-    CANCELLED = "cancelled", _("Cancelled")
-    ABANDONED = "abandoned", _("Abandoned (its worker died)")
 
 
 class HandlerRunQuerySet(models.QuerySet["HandlerRun"]):

@@ -508,6 +508,11 @@ class WorkItemProcessingService:
 
     def _limit(self, activation: Fetchable) -> int:
         assert isinstance(activation, Activation)
+        if activation.registration.exclusive:
+            # No other process may take its items while it holds the lease: nothing to hoard,
+            # so it asks for its whole share (and a handler that does not claim is not asked
+            # twice for the same items within a cycle).
+            return activation.allowance
         return claim_limit(
             activation.registration,
             workers=self.workers,
@@ -987,13 +992,21 @@ class WorkItemProcessingService:
                 continue
             activation, item, _key, _started = taken
             item_id = describe_item(item)
-            activation.item_ended(
+            logger.warning(
+                "Handler %s: item %s still in process after the shutdown timeout of %.1fs",
+                activation.name,
+                item_id,
+                timeout,
+                extra=activation.log_extra(item_id),
+            )
+            step = activation.item_ended(
                 ItemOutcome.FAILED,
                 Failure.of(
                     item_id,
                     HungItem(f"still in process after the shutdown timeout of {timeout:.1f}s"),
                 ),
             )
+            self._after(activation, step, on_coordinator=True)
         for activation in list(self._live.values()):
             if activation.force_finish(
                 f"Items still in process after the shutdown timeout of {timeout:.1f}s."

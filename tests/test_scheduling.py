@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -10,7 +11,7 @@ from django.test import override_settings
 
 from django_workitems import Purpose
 from django_workitems.registry import Registration
-from django_workitems.scheduling import Scheduler, fair_shares
+from django_workitems.scheduling import Scheduler, claim_limit, fair_shares, plan_fetches
 
 # -- fair_shares ------------------------------------------------------------------------------
 
@@ -111,7 +112,7 @@ T0 = 1000.0
 INTERVAL = 60.0
 
 
-def registration(name, *, max_items=10, exclusive=True, poll_interval=None):
+def registration(name, *, max_items=10, exclusive=True, poll_interval=None, max_concurrency=None):
     return Registration(
         name=name,
         factory=object,
@@ -119,396 +120,297 @@ def registration(name, *, max_items=10, exclusive=True, poll_interval=None):
         purpose=Purpose.INTERNAL,
         exclusive=exclusive,
         poll_interval=poll_interval,
-        max_concurrency=None,
+        max_concurrency=max_concurrency,
     )
 
 
-def scheduler(*registrations, interval=INTERVAL):
-    return Scheduler(registrations, poll_interval=timedelta(seconds=interval))
+def scheduler(*registrations, interval=INTERVAL, enabled=True):
+    sched = Scheduler(registrations, poll_interval=timedelta(seconds=interval))
+    if enabled:
+        sched.set_enabled({r.name: True for r in registrations})
+    return sched
 
 
-def plan(sched, now, *, enabled=None, room=100, queued=None, capacity=100):
-    planned = sched.plan(
-        now,
-        enabled=enabled or (lambda name: True),
-        room=room,
-        queued=queued or (lambda name: 0),
-        capacity=capacity,
-    )
-    return {reg.name: ask for reg, ask in planned}
+def due(sched, now):
+    return [r.name for r in sched.due(now)]
 
 
-def run_fetch(sched, name, *, start, end=None, asked=10, fetched=0, failed=False, finish=True):
-    """A whole activation as the coordinator reports it: started, fetched, (finished)."""
-    sched.fetch_started(name, start)
-    sched.fetch_finished(
-        name, asked=asked, fetched=fetched, failed=failed, now=start if end is None else end
-    )
+def activation(sched, name, *, start, end=None, drained=False, failed=False, finish=True):
+    """A whole activation as the coordinator reports it: started, stopped fetching, finished."""
+    sched.activated(name, start)
+    sched.fetching_ended(name, drained=drained, failed=failed, now=start if end is None else end)
     if finish:
-        sched.activation_finished(name)
+        sched.finished(name)
 
 
-def test_every_handler_is_due_at_start():
-    sched = scheduler(registration("a"), registration("b", max_items=5), registration("c"))
-    assert plan(sched, T0) == {"a": 10, "b": 5, "c": 10}
+def test_every_enabled_handler_is_due_at_start():
+    assert due(scheduler(registration("a"), registration("b")), T0) == ["a", "b"]
 
 
-def test_names():
-    sched = scheduler(registration("a"), registration("b"))
-    assert sched.names == ["a", "b"]
+def test_nothing_is_due_before_the_handler_rows_say_it_is_enabled():
+    sched = scheduler(registration("a"), enabled=False)
+    assert due(sched, T0) == []
+    sched.set_enabled({"a": True})
+    assert due(sched, T0) == ["a"]
+    sched.set_enabled({"a": False})
+    assert due(sched, T0) == []
 
 
-def test_plan_returns_registrations():
-    reg = registration("a")
-    sched = scheduler(reg)
-    assert sched.plan(T0, enabled=lambda n: True, room=10, queued=lambda n: 0, capacity=10) == [
-        (reg, 10)
-    ]
-
-
-def test_not_due_again_before_the_poll_interval():
+def test_not_due_again_before_the_poll_interval_counted_from_the_start():
     sched = scheduler(registration("a"))
-    run_fetch(sched, "a", start=T0, fetched=3)
-    assert plan(sched, T0 + 1) == {}
-    assert plan(sched, T0 + INTERVAL - 0.001) == {}
-    assert plan(sched, T0 + INTERVAL) == {"a": 10}
+    activation(sched, "a", start=T0, end=T0 + 5)
+    assert due(sched, T0 + INTERVAL - 0.1) == []
+    assert due(sched, T0 + INTERVAL) == ["a"]
 
 
-def test_the_interval_counts_from_the_start_of_the_fetch():
-    sched = scheduler(registration("a"))
-    run_fetch(sched, "a", start=T0, end=T0 + 45, fetched=3)
-    assert plan(sched, T0 + 59) == {}
-    assert plan(sched, T0 + 60) == {"a": 10}
-
-
-def test_not_planned_while_its_fetch_is_running():
-    sched = scheduler(registration("a"), registration("b", exclusive=False))
-    sched.fetch_started("a", T0)
-    sched.fetch_started("b", T0)
-    assert plan(sched, T0 + 10 * INTERVAL) == {}
-
-
-def test_empty_fetch_is_not_drain_mode():
-    sched = scheduler(registration("a"))
-    run_fetch(sched, "a", start=T0, asked=10, fetched=0)
-    assert plan(sched, T0 + 1) == {}
-
-
-def test_drain_mode_after_a_full_batch():
-    sched = scheduler(registration("a"))
-    run_fetch(sched, "a", start=T0, asked=10, fetched=10)
-    assert plan(sched, T0 + 1) == {"a": 10}
-
-
-def test_drain_mode_when_more_than_asked_came_back():
-    sched = scheduler(registration("a"))
-    run_fetch(sched, "a", start=T0, asked=4, fetched=6)
-    assert plan(sched, T0 + 1) == {"a": 10}
-
-
-def test_drain_mode_ends_with_a_partial_batch():
-    sched = scheduler(registration("a"))
-    run_fetch(sched, "a", start=T0, asked=10, fetched=10)
-    run_fetch(sched, "a", start=T0 + 2, asked=10, fetched=4)
-    assert plan(sched, T0 + 3) == {}
-    assert plan(sched, T0 + 2 + INTERVAL) == {"a": 10}
-
-
-def test_a_full_batch_of_a_reduced_ask_is_drain_mode():
-    # The handler was granted 3 slots, not its 10: 3 fetched is still a full batch.
-    sched = scheduler(registration("a"))
-    run_fetch(sched, "a", start=T0, asked=3, fetched=3)
-    assert plan(sched, T0 + 1) == {"a": 10}
-
-
-def test_exclusive_handler_not_planned_while_its_activation_is_active():
-    sched = scheduler(registration("a", exclusive=True))
-    run_fetch(sched, "a", start=T0, asked=10, fetched=10, finish=False)
-    assert sched.busy()
-    assert plan(sched, T0 + 1) == {}  # drain mode, but its items are still queued here
-    assert plan(sched, T0 + 10 * INTERVAL) == {}  # nor when the timer says so
-    sched.activation_finished("a")
-    assert plan(sched, T0 + 2) == {"a": 10}
-
-
-def test_exclusive_handler_request_waits_for_the_activation():
-    sched = scheduler(registration("a"))
-    run_fetch(sched, "a", start=T0, fetched=2, finish=False)
-    sched.request("a")
-    assert plan(sched, T0 + 1) == {}
-    sched.activation_finished("a")
-    assert plan(sched, T0 + 1) == {"a": 10}
-
-
-def test_non_exclusive_handler_planned_again_while_active_when_there_is_room():
+def test_not_due_while_its_activation_may_still_fetch():
     sched = scheduler(registration("a", exclusive=False))
-    run_fetch(sched, "a", start=T0, asked=10, fetched=10, finish=False)
-    assert sched.busy()
-    assert plan(sched, T0 + 1, room=90, queued=lambda n: 10 if n == "a" else 0) == {"a": 10}
+    sched.activated("a", T0)
+    assert due(sched, T0 + 10 * INTERVAL) == []
 
 
-def test_non_exclusive_drain_waits_for_room_for_half_a_batch():
-    sched = scheduler(registration("a", max_items=10, exclusive=False))
-    run_fetch(sched, "a", start=T0, asked=10, fetched=10, finish=False)
-    # The channel of 20 holds 16 of a's items: room for 4, less than half a batch.
-    assert plan(sched, T0 + 1, room=4, queued=lambda n: 16, capacity=20) == {}
-    # Room for 5 (half a batch): fetch again.
-    assert plan(sched, T0 + 1, room=5, queued=lambda n: 15, capacity=20) == {"a": 5}
-
-
-def test_non_exclusive_timer_due_ignores_the_half_batch_rule():
-    sched = scheduler(registration("a", max_items=10, exclusive=False))
-    run_fetch(sched, "a", start=T0, asked=10, fetched=10, finish=False)
-    assert plan(sched, T0 + INTERVAL, room=2, queued=lambda n: 18, capacity=20) == {"a": 2}
-
-
-def test_non_exclusive_without_drain_waits_for_the_timer():
-    sched = scheduler(registration("a", exclusive=False))
-    run_fetch(sched, "a", start=T0, asked=10, fetched=3, finish=False)
-    assert plan(sched, T0 + 1) == {}
-    assert plan(sched, T0 + INTERVAL) == {"a": 10}
-
-
-def test_disabled_handler_is_skipped():
-    sched = scheduler(registration("a"), registration("b"))
-    assert plan(sched, T0, enabled=lambda name: name != "b") == {"a": 10}
-    assert plan(sched, T0, enabled=lambda name: False) == {}
-
-
-def test_disabled_handler_is_due_once_enabled():
+def test_drain_an_exclusive_handler_is_due_again_once_its_activation_finished():
     sched = scheduler(registration("a"))
-    assert plan(sched, T0, enabled=lambda name: False) == {}
-    assert plan(sched, T0 + 0.5, enabled=lambda name: True) == {"a": 10}
+    activation(sched, "a", start=T0, drained=True, finish=False)
+    assert due(sched, T0 + 1) == [], "its items may still be in process: it would fetch them again"
+    sched.finished("a")
+    assert due(sched, T0 + 1) == ["a"]
 
 
-def test_request_makes_a_handler_due_now():
-    sched = scheduler(registration("a"), registration("b"))
-    run_fetch(sched, "a", start=T0, fetched=1)
-    run_fetch(sched, "b", start=T0, fetched=1)
+def test_drain_a_non_exclusive_handler_is_due_again_as_soon_as_it_stops_fetching():
+    sched = scheduler(registration("a", exclusive=False))
+    activation(sched, "a", start=T0, drained=True, finish=False)
+    assert due(sched, T0 + 1) == ["a"]
+
+
+def test_an_activation_that_did_not_drain_waits_for_the_interval():
+    sched = scheduler(registration("a", exclusive=False))
+    activation(sched, "a", start=T0, drained=False)
+    assert due(sched, T0 + 1) == []
+
+
+def test_a_failed_fetch_waits_an_interval_from_the_failure_and_never_drains():
+    sched = scheduler(registration("a"))
+    activation(sched, "a", start=T0, end=T0 + 30, drained=True, failed=True)
+    assert due(sched, T0 + INTERVAL) == []
+    assert due(sched, T0 + 30 + INTERVAL) == ["a"]
+
+
+def test_a_request_makes_a_handler_due_now_and_is_consumed():
+    sched = scheduler(registration("a"))
+    activation(sched, "a", start=T0)
     sched.request("a")
     sched.request("unknown")  # ignored
-    assert plan(sched, T0 + 1) == {"a": 10}
-    sched.fetch_started("a", T0 + 1)  # starting the fetch answers the request
-    sched.fetch_finished("a", asked=10, fetched=1, failed=False, now=T0 + 1)
-    sched.activation_finished("a")
-    assert plan(sched, T0 + 2) == {}
+    assert due(sched, T0 + 1) == ["a"]
+    sched.activated("a", T0 + 1)
+    sched.fetching_ended("a", drained=False, failed=False, now=T0 + 1)
+    sched.finished("a")
+    assert due(sched, T0 + 2) == []
 
 
-def test_note_requests_first_call_only_seeds():
+def test_a_request_for_a_busy_exclusive_handler_waits_for_its_activation():
     sched = scheduler(registration("a"))
-    run_fetch(sched, "a", start=T0, fetched=1)
-    at = datetime(2024, 1, 1, tzinfo=UTC)
-    sched.note_requests({"a": at})
-    assert plan(sched, T0 + 1) == {}
-    sched.note_requests({"a": at})  # the same request seen again: nothing new
-    assert plan(sched, T0 + 1) == {}
+    activation(sched, "a", start=T0, finish=False)
+    sched.request("a")
+    assert due(sched, T0 + 1) == []
+    sched.finished("a")
+    assert due(sched, T0 + 1) == ["a"]
 
 
-def test_note_requests_a_newer_request_makes_it_due():
-    sched = scheduler(registration("a"), registration("b"))
-    run_fetch(sched, "a", start=T0, fetched=1)
-    run_fetch(sched, "b", start=T0, fetched=1)
-    at = datetime(2024, 1, 1, tzinfo=UTC)
-    sched.note_requests({"a": at, "b": at})
-    sched.note_requests({"a": at + timedelta(seconds=1), "b": at})
-    assert plan(sched, T0 + 1) == {"a": 10}
-
-
-def test_note_requests_an_older_request_is_ignored():
+def test_note_requests_first_call_only_seeds_then_newer_ones_make_it_due():
     sched = scheduler(registration("a"))
-    run_fetch(sched, "a", start=T0, fetched=1)
-    at = datetime(2024, 1, 1, tzinfo=UTC)
-    sched.note_requests({"a": at})
-    sched.note_requests({"a": at - timedelta(hours=1)})
-    assert plan(sched, T0 + 1) == {}
+    activation(sched, "a", start=T0)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    sched.note_requests({"a": at, "ghost": at})
+    assert due(sched, T0 + 1) == []
+    sched.note_requests({"a": at})  # the same request again: nothing new
+    assert due(sched, T0 + 1) == []
+    sched.note_requests({"a": at - timedelta(seconds=1)})  # older: ignored
+    assert due(sched, T0 + 1) == []
+    sched.note_requests({"a": at + timedelta(seconds=1)})
+    assert due(sched, T0 + 1) == ["a"]
 
 
 def test_note_requests_first_request_after_none():
     sched = scheduler(registration("a"))
-    run_fetch(sched, "a", start=T0, fetched=1)
+    activation(sched, "a", start=T0)
     sched.note_requests({"a": None})
-    assert plan(sched, T0 + 1) == {}
-    sched.note_requests({"a": datetime(2024, 1, 1, tzinfo=UTC)})
-    assert plan(sched, T0 + 1) == {"a": 10}
-
-
-def test_note_requests_ignores_unknown_names_and_none():
-    sched = scheduler(registration("a"))
-    run_fetch(sched, "a", start=T0, fetched=1)
-    sched.note_requests({"a": None, "zzz": datetime(2024, 1, 1, tzinfo=UTC)})
-    sched.note_requests({"a": None, "zzz": datetime(2025, 1, 1, tzinfo=UTC)})
-    assert plan(sched, T0 + 1) == {}
-
-
-def test_fetch_failure_waits_an_interval_from_the_failure():
-    sched = scheduler(registration("a"))
-    sched.fetch_started("a", T0)
-    sched.fetch_finished("a", asked=10, fetched=10, failed=True, now=T0 + 30)
-    sched.activation_finished("a")
-    assert plan(sched, T0 + 31) == {}  # no drain mode after a failure, even if "full"
-    assert plan(sched, T0 + 30 + INTERVAL - 1) == {}
-    assert plan(sched, T0 + 30 + INTERVAL) == {"a": 10}
+    sched.note_requests({"a": datetime(2026, 1, 1, tzinfo=UTC)})
+    assert due(sched, T0 + 1) == ["a"]
 
 
 def test_per_handler_poll_interval_overrides_the_global_one():
-    sched = scheduler(
-        registration("fast", poll_interval=timedelta(seconds=10)),
-        registration("slow"),
-        interval=INTERVAL,
-    )
-    run_fetch(sched, "fast", start=T0, fetched=1)
-    run_fetch(sched, "slow", start=T0, fetched=1)
-    assert plan(sched, T0 + 9) == {}
-    assert plan(sched, T0 + 10) == {"fast": 10}
-    assert plan(sched, T0 + INTERVAL) == {"fast": 10, "slow": 10}
+    sched = scheduler(registration("fast", poll_interval=timedelta(seconds=5)), registration("b"))
+    activation(sched, "fast", start=T0)
+    activation(sched, "b", start=T0)
+    assert due(sched, T0 + 5) == ["fast"]
 
 
+@override_settings(WORKITEMS={"POLL_INTERVAL": "00:00:07"})
 def test_global_poll_interval_defaults_to_the_setting():
-    with override_settings(WORKITEMS={"POLL_INTERVAL": "00:00:20"}):
-        sched = Scheduler([registration("a")])
-    run_fetch(sched, "a", start=T0, fetched=1)
-    assert plan(sched, T0 + 19) == {}
-    assert plan(sched, T0 + 20) == {"a": 10}
+    sched = Scheduler([registration("a")])
+    sched.set_enabled({"a": True})
+    activation(sched, "a", start=T0)
+    assert due(sched, T0 + 6.9) == [] and due(sched, T0 + 7) == ["a"]
 
 
-def test_poll_interval_argument_overrides_the_setting():
-    with override_settings(WORKITEMS={"POLL_INTERVAL": "01:00:00"}):
-        sched = Scheduler([registration("a")], poll_interval=timedelta(seconds=5))
-    run_fetch(sched, "a", start=T0, fetched=1)
-    assert plan(sched, T0 + 5) == {"a": 10}
-
-
-def test_plan_splits_the_room_fairly():
-    sched = scheduler(
-        registration("a", max_items=50), registration("b", max_items=50), registration("c")
-    )
-    asks = plan(sched, T0, room=30, capacity=100)
-    assert asks == {"a": 10, "b": 10, "c": 10}
-
-
-def test_plan_gives_small_asks_in_full_and_the_rest_to_the_others():
-    sched = scheduler(registration("small", max_items=2), registration("big", max_items=50))
-    assert plan(sched, T0, room=20, capacity=100) == {"small": 2, "big": 18}
-
-
-def test_plan_never_asks_for_more_than_the_room():
-    sched = scheduler(*(registration(f"h{i}", max_items=7) for i in range(5)))
-    for room in range(0, 40):
-        asks = plan(sched, T0, room=room, capacity=40)
-        assert sum(asks.values()) <= room
-        assert all(1 <= ask <= 7 for ask in asks.values())
-        if room >= 5:
-            assert len(asks) == 5  # everybody gets something
-
-
-def test_plan_with_no_room_plans_nothing():
-    sched = scheduler(registration("a"), registration("b"))
-    assert plan(sched, T0, room=0) == {}
-
-
-def test_plan_caps_each_handler_at_its_share_of_the_channel():
-    # Two handlers contend for a channel of 20: neither may ask for more than 10.
-    sched = scheduler(registration("a", max_items=50), registration("b", max_items=50))
-    assert plan(sched, T0, room=20, capacity=20) == {"a": 10, "b": 10}
-
-
-def test_plan_counts_items_already_queued_against_the_share():
-    sched = scheduler(
-        registration("a", max_items=50), registration("b", max_items=50), registration("c")
-    )
-    queued = {"a": 4, "b": 0, "c": 6}
-    # c is not due (disabled) but has items queued: three contend, a share of 10 each, and
-    # a already has 4 of its 10 in the channel.
-    asks = plan(
-        sched,
-        T0,
-        enabled=lambda name: name != "c",
-        room=20,
-        capacity=30,
-        queued=lambda n: queued.get(n, 0),
-    )
-    assert asks == {"a": 6, "b": 10}
-
-
-def test_seconds_until_due():
-    sched = scheduler(registration("a"), registration("b", poll_interval=timedelta(seconds=10)))
-    run_fetch(sched, "a", start=T0, fetched=1)
-    run_fetch(sched, "b", start=T0, fetched=1)
-    assert sched.seconds_until_due(T0 + 4) == pytest.approx(6.0)
-    run_fetch(sched, "b", start=T0 + 10, fetched=1)
-    assert sched.seconds_until_due(T0 + 15) == pytest.approx(5.0)
-
-
-def test_seconds_until_due_ignores_handlers_that_are_fetching_or_exclusive_and_active():
-    sched = scheduler(registration("a"), registration("b"))
-    sched.fetch_started("a", T0)
-    run_fetch(sched, "b", start=T0, fetched=1, finish=False)
-    assert sched.seconds_until_due(T0 + 1) is None
-
-
-def test_seconds_until_due_never_zero_for_a_handler_that_plan_left_waiting():
-    # A disabled handler is due but not started: its wait is not a timer, and reporting 0 would
-    # make the coordinator spin until it is enabled.
-    sched = scheduler(registration("on"), registration("off"))
-    assert plan(sched, T0, enabled=lambda name: name == "on") == {"on": 10}
-    sched.fetch_started("on", T0)
-    sched.fetch_finished("on", asked=10, fetched=1, failed=False, now=T0)
-    sched.activation_finished("on")
-    assert sched.seconds_until_due(T0 + 1) == pytest.approx(INTERVAL - 1)
+def test_seconds_until_due_counts_only_handlers_waiting_on_their_timer():
+    sched = scheduler(registration("a"), registration("b"), registration("c"))
+    activation(sched, "a", start=T0)
+    activation(sched, "b", start=T0 + 10)
+    sched.activated("c", T0)  # still fetching: waits on its fetch, not a timer
+    assert sched.seconds_until_due(T0 + 20) == pytest.approx(INTERVAL - 20)
 
 
 def test_seconds_until_due_none_when_nothing_waits_on_a_timer():
     sched = scheduler(registration("a"))
-    assert sched.seconds_until_due(T0) is None  # due already: plan will start it
+    sched.activated("a", T0)
+    assert sched.seconds_until_due(T0) is None
 
 
-def test_busy():
-    sched = scheduler(registration("a", exclusive=False))
-    assert not sched.busy()
-    sched.fetch_started("a", T0)
-    assert sched.busy()
-    sched.fetch_finished("a", asked=10, fetched=3, failed=False, now=T0)
-    assert sched.busy()  # its items are still in process
-    sched.activation_finished("a")
-    assert not sched.busy()
-
-
-def test_activation_finished_does_not_go_below_zero():
+def test_busy_and_finished_never_below_zero():
     sched = scheduler(registration("a"))
-    sched.activation_finished("a")
-    sched.activation_finished("a")
     assert not sched.busy()
-    run_fetch(sched, "a", start=T0, fetched=1, finish=False)
-    assert plan(sched, T0 + INTERVAL) == {}  # still one activation active
+    sched.activated("a", T0)
+    assert sched.busy()
+    sched.finished("a")
+    sched.finished("a")
+    assert not sched.busy()
+    sched.activated("a", T0 + INTERVAL)
+    assert sched.busy()
 
 
-def test_a_fetch_with_an_isolated_item_holds_the_handler_then_drains_at_once():
-    # A non-exclusive handler would normally be fetched again while its items are in process;
-    # with a suspect pending it waits for the activation, then goes on without the interval.
-    sched = scheduler(registration("claims", exclusive=False))
-    assert list(plan(sched, 0.0)) == ["claims"]
-    sched.fetch_started("claims", 0.0)
-    sched.fetch_finished("claims", asked=10, fetched=1, failed=False, now=0.1, isolated=1)
-
-    assert plan(sched, 0.2) == {}
-    sched.activation_finished("claims")
-    assert list(plan(sched, 0.3)) == ["claims"]
+def test_an_isolated_item_holds_even_a_non_exclusive_handler_until_its_activation_ends():
+    sched = scheduler(registration("a", exclusive=False))
+    sched.activated("a", T0)
+    sched.fetching_ended("a", drained=True, failed=False, now=T0, hold=True)
+    assert due(sched, T0 + 1) == []
+    sched.finished("a")
+    assert due(sched, T0 + 1) == ["a"]
 
 
-def test_max_concurrency_caps_what_a_fetch_asks_for():
-    reg = Registration(
-        name="capped",
-        factory=object,
-        max_items_per_cycle=50,
-        purpose=Purpose.INTERNAL,
-        exclusive=False,
-        poll_interval=None,
-        max_concurrency=3,
+# -- plan_fetches: who gets the channel's room ----------------------------------------------------
+
+
+@dataclass
+class FakeActivation:
+    registration: Registration
+    serial: int
+    allowance: int = 10
+    outstanding: int = 0
+    hold: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.registration.name
+
+
+def activations(count, *, allowance=10, exclusive=True):
+    return [
+        FakeActivation(
+            registration(f"h{i:03d}", exclusive=exclusive), serial=i, allowance=allowance
+        )
+        for i in range(count)
+    ]
+
+
+def plan_once(candidates, *, room, capacity=100, queued=None, limit=None, served=None, busy=()):
+    return {
+        p.activation.name: p.ask
+        for p in plan_fetches(
+            candidates,
+            room=room,
+            capacity=capacity,
+            queued=queued or (lambda name: 0),
+            limit=limit or (lambda a: 10**6),
+            served=served or (lambda name: 0),
+            busy=busy,
+        )
+    }
+
+
+def test_plan_asks_each_for_its_allowance_when_the_room_allows():
+    assert plan_once(activations(3, allowance=10), room=100) == {"h000": 10, "h001": 10, "h002": 10}
+
+
+def test_plan_caps_each_handler_at_its_share_of_the_channel():
+    assert plan_once(activations(4, allowance=50), room=100) == {
+        "h000": 25,
+        "h001": 25,
+        "h002": 25,
+        "h003": 25,
+    }
+
+
+def test_plan_counts_busy_handlers_as_contenders_for_the_share():
+    assert plan_once(activations(1, allowance=100), room=100, busy={"other"}) == {"h000": 50}
+
+
+def test_plan_never_hands_out_more_than_the_room_and_serves_in_turn():
+    asked = plan_once(activations(10, allowance=10), room=35, capacity=100)
+    assert sum(asked.values()) <= 35
+    assert list(asked) == ["h000", "h001", "h002"], "the next in turn waits for its whole ask"
+
+
+def test_plan_with_no_room_plans_nothing():
+    assert plan_once(activations(3), room=0) == {}
+
+
+def test_plan_respects_the_claim_limit_less_what_is_queued():
+    candidates = activations(1, allowance=100, exclusive=False)
+    assert plan_once(candidates, room=100, limit=lambda a: 8) == {"h000": 8}
+    assert plan_once(candidates, room=100, limit=lambda a: 8, queued=lambda n: 3) == {"h000": 5}
+    # More than half its limit still queued: it waits, so backlogs are claimed in batches.
+    assert plan_once(candidates, room=100, limit=lambda a: 8, queued=lambda n: 5) == {}
+
+
+def test_200_handlers_beside_a_channel_of_100_are_each_served_in_turn():
+    """No handler is served twice while another waits, whatever the number of handlers."""
+    candidates = activations(200, allowance=5)
+    served: dict[str, int] = {}
+    sequence = 0
+    rounds: list[list[str]] = []
+    for _ in range(8):
+        room = 100  # each round, the pool has drained the channel
+        picked = list(
+            plan_once(
+                candidates,
+                room=room,
+                capacity=100,
+                served=lambda name: served.get(name, 0),
+                busy={a.name for a in candidates},
+            )
+        )
+        assert picked, "someone is always served"
+        for name in picked:
+            sequence += 1
+            served[name] = sequence
+        rounds.append(picked)
+    counts = {a.name: 0 for a in candidates}
+    for picked in rounds:
+        for name in picked:
+            counts[name] += 1
+    assert max(counts.values()) - min(counts.values()) <= 1
+    assert min(counts.values()) >= 1, "every handler was served within the rounds"
+    # A handler is served again only after every other one was served once since.
+    first_two = rounds[0] + rounds[1]
+    assert len(set(first_two)) == len(first_two) == 200
+
+
+def test_rotation_starts_with_who_was_served_longest_ago():
+    candidates = activations(3)
+    served = {"h000": 3, "h001": 1, "h002": 2}
+    assert list(plan_once(candidates, room=10, served=served.__getitem__)) == ["h001"]
+
+
+def test_claim_limit_slow_start_then_about_a_second_of_work():
+    reg = registration("a", exclusive=False)
+    assert claim_limit(reg, workers=4, item_seconds=None) == 4
+    assert claim_limit(reg, workers=1, item_seconds=1.0) == 1
+    assert claim_limit(reg, workers=4, item_seconds=0.5) == 8
+    assert claim_limit(reg, workers=4, item_seconds=0.0001) == 40_000
+    limited = registration("b", exclusive=False, max_concurrency=2)
+    assert claim_limit(limited, workers=16, item_seconds=0.5) == 4
+    assert claim_limit(reg, workers=2, item_seconds=0.02, is_async=True, async_concurrency=100) == (
+        5000
     )
-    sched = scheduler(reg)
-    assert plan(sched, 0.0) == {"capped": 6}
-    sched.fetch_started("capped", 0.0)
-    sched.fetch_finished("capped", asked=6, fetched=6, failed=False, now=0.1)
-    # Drain mode: fetched again once half of its cap is free, not before.
-    assert plan(sched, 0.2, queued=lambda name: 4) == {}
-    assert plan(sched, 0.2, queued=lambda name: 3) == {"capped": 3}
