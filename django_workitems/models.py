@@ -15,7 +15,7 @@ from model_utils.fields import StatusField
 from model_utils.models import TimeStampedModel
 
 from .handlers import Purpose
-from .status import RunStatus
+from .status import RunStatus as RunStatus
 
 _W = TypeVar("_W", bound="WorkItemModel")
 

@@ -122,7 +122,7 @@ def test_each_activation_gets_a_fresh_handler_instance(
     assert len(instances) >= 3
     for serial, (_asked, got) in zip(fetched_by, recorder.of("fresh:fetch"), strict=True):
         assert serial in instances and got <= 10
-    per_instance = {s: 0 for s in instances}
+    per_instance = dict.fromkeys(instances, 0)
     for serial, (_asked, got) in zip(fetched_by, recorder.of("fresh:fetch"), strict=True):
         per_instance[serial] += got
     assert max(per_instance.values()) <= 10, per_instance

@@ -216,9 +216,7 @@ def test_sigterm_puts_claimed_rows_back_without_counting_an_attempt(start_worker
     wait_for(lambda: ProcessLog.objects.count() == 2, message="two rows in process")
     # Two started and two waiting: with no item duration known yet, a worker claims no more
     # than its two threads can start, so the other six stay for other workers.
-    wait_for(
-        lambda: Task.objects.filter(status="processing").count() == 4, message="two waiting"
-    )
+    wait_for(lambda: Task.objects.filter(status="processing").count() == 4, message="two waiting")
 
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0, worker.output()
