@@ -69,6 +69,8 @@ GRACE_CAP = 30.0
 """At most this long after an item's token was cancelled for its time-out, it is given up."""
 
 FINAL_WRITES_TIMEOUT = 3.0
+# How long a stop waits for the engine's idle threads to exit and close their connections.
+JOIN_TIMEOUT = 2.0
 """After the shutdown timeout: how long the last writes (runs, leases, the worker) may take."""
 
 Entry = tuple[Activation, Any]
@@ -178,12 +180,14 @@ class Slot:
         "item",
         "key",
         "started",
+        "thread",
         "thread_name",
         "token",
     )
 
     def __init__(self, thread_name: str) -> None:
         self.thread_name = thread_name
+        self.thread: threading.Thread | None = None
         self.activation: Activation | None = None
         self.item: Any = None
         self.key = ""
@@ -288,12 +292,14 @@ class FetchPool:
                 self._threads.discard(me)
             hygiene.close_all()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float) -> None:
+        """Ask every thread to exit and wait up to ``timeout`` seconds for them to close."""
         with self._lock:
             self._closed = True
-            count = len(self._threads)
-        for _ in range(count):
+            threads = list(self._threads)
+        for _ in threads:
             self._jobs.put(None)
+        _join(threads, timeout)
 
     def alive(self) -> int:
         with self._lock:
@@ -665,7 +671,10 @@ class WorkItemProcessingService:
             name = f"workitems-pool-{self._pool_serial}"
             slot = Slot(name)
             self._slots.append(slot)
-        threading.Thread(target=self._pool_worker, args=(slot,), name=name, daemon=True).start()
+        slot.thread = threading.Thread(
+            target=self._pool_worker, args=(slot,), name=name, daemon=True
+        )
+        slot.thread.start()
 
     def _pool_worker(self, slot: Slot) -> None:
         current_worker_id.set(self.worker_id)
@@ -1026,11 +1035,23 @@ class WorkItemProcessingService:
             self.wait(0.05)
         self.recorder.stop(max(0.1, final - time.monotonic()) + 1.0)
         self.keeper.stop(max(0.1, final - time.monotonic()) + 1.0)
-        self._fetchers.stop()
+        with self._slots_lock:
+            threads = [slot.thread for slot in self._slots if not slot.given_up]
+        _join([t for t in threads if t is not None], JOIN_TIMEOUT)
+        self._fetchers.stop(JOIN_TIMEOUT)
 
     def _released(self, activation: Activation, items: list[Any]) -> Step:
         self._give_back(activation, items, "the worker is shutting down")
         return activation.items_released(len(items))
+
+
+def _join(threads: Iterable[threading.Thread], timeout: float) -> None:
+    """Wait for threads to end, all together at most ``timeout`` seconds (never the caller)."""
+    deadline = time.monotonic() + timeout
+    me = threading.current_thread()
+    for thread in threads:
+        if thread is not me and thread.ident is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _seconds(duration: Any) -> float | None:
