@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -207,20 +208,10 @@ def run_demo(
             sys.executable,
             str(Path(settings.BASE_DIR) / "manage.py"),
             "runworkitems",
-            "--poll-interval",
-            "00:00:01",
+            "--drain",
         ]
-        _say(out, f"Starting the worker: manage.py runworkitems (log: {_relative(log_path)})")
-        with log_path.open("w") as log:
-            worker = subprocess.Popen(  # noqa: S603 - our own manage.py, fixed arguments
-                command, cwd=settings.BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-            drained = False
-            try:
-                _watch(out, worker, started, clock, inbox, timeout, log_path)
-                drained = True
-            finally:
-                exit_code = _stop(out, worker, "Drained" if drained else "Giving up")
+        _say(out, f"Starting the worker: runworkitems --drain (log: {_relative(log_path)})")
+        exit_code = _drain(out, command, env, started, clock, inbox, timeout, log_path)
         webhooks = list(shop.webhooks)
     if exit_code != 0:
         raise DemoError(f"the worker exited with {exit_code}; see {log_path}")
@@ -230,45 +221,91 @@ def run_demo(
     return result
 
 
-def _watch(
+def _drain(
     out: TextIO,
-    worker: subprocess.Popen[bytes],
+    command: list[str],
+    env: Mapping[str, str],
     since: datetime,
     clock: float,
     inbox: Path,
     timeout: float,
     log_path: Path,
-) -> None:
-    """Poll the database until the work is drained; print a progress line as it moves."""
-    tty = out.isatty()
-    printed, next_print = "", 0.0  # the last line printed (without its time), and when next
-    try:
+) -> int | None:
+    """Run ``runworkitems --drain`` until the work is drained; its progress lines are echoed.
+
+    A drain ends at the first cycle in which nothing was fetched, so a retry still waiting out
+    its back-off is left for a next round, started when the earliest retry is due.
+    """
+    deadline = clock + timeout
+    rounds = 0
+    with log_path.open("w") as log:
         while True:
+            rounds += 1
+            worker = subprocess.Popen(  # noqa: S603 - our own manage.py, fixed arguments
+                command,
+                cwd=settings.BASE_DIR,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            echo = threading.Thread(target=_echo, args=(out, worker, log), daemon=True)
+            echo.start()
+            try:
+                exit_code = worker.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                exit_code = _stop(out, worker, "Giving up")
+                echo.join(10)
+                raise DemoError(
+                    f"the work was not drained within {timeout:.0f}s; see {log_path}"
+                ) from None
+            except BaseException:
+                _stop(out, worker, "Interrupted")
+                raise
+            echo.join(10)
             state = progress(since, inbox, webhooks=True)
-            elapsed = time.monotonic() - clock
-            line = state.line(elapsed)
-            if tty:  # one line, rewritten in place (cut to the width, or it would wrap)
-                width = shutil.get_terminal_size().columns - 1
-                out.write(f"\r{line[:width]}\033[K")
-                out.flush()
-            else:  # a log: a line when something moved, at most one a second
-                news = line.split("] ", 1)[1]
-                if news != printed and (state.drained or time.monotonic() >= next_print):
-                    _say(out, line)
-                    printed, next_print = news, time.monotonic() + 1.0
+            _say(out, state.line(time.monotonic() - clock))
+            if exit_code != 0:
+                return exit_code
             if state.drained:
-                return
-            if worker.poll() is not None:
-                raise DemoError(f"the worker exited early ({worker.returncode}); see {log_path}")
-            if elapsed > timeout:
+                _say(out, f"Drained: the worker exited 0 after {_plural(rounds, 'round')}")
+                return exit_code
+            due = next_retry_in(since)
+            if time.monotonic() + due > deadline:
                 raise DemoError(f"the work was not drained within {timeout:.0f}s; see {log_path}")
-            time.sleep(0.5)  # the polling interval
-    finally:
-        if tty:
-            out.write("\n")
+            _say(out, f"Retries wait out their back-off: the next round in {due:.1f}s")
+            time.sleep(due)  # the earliest retry's back-off, bounded by the deadline
 
 
-def _stop(out: TextIO, worker: subprocess.Popen[bytes], why: str) -> int | None:
+def next_retry_in(since: datetime) -> float:
+    """Seconds until the earliest queued batch waiting out a back-off is available (>= 0)."""
+    earliest = (
+        StagingBatch.objects.filter(created__gte=since, status=StagingBatch.STATUS.queued)
+        .order_by("available_at")
+        .values_list("available_at", flat=True)
+        .first()
+    )
+    if earliest is None:
+        return 0.0
+    return max(0.0, (earliest - timezone.now()).total_seconds())
+
+
+def _echo(out: TextIO, worker: subprocess.Popen[str], log: TextIO) -> None:
+    """Copy the worker's output to the log; show its drain progress lines."""
+    assert worker.stdout is not None
+    for line in worker.stdout:
+        log.write(line)
+        log.flush()
+        if "Draining:" in line:
+            _say(out, "  worker: " + line.strip().split("Draining: ", 1)[-1])
+    worker.stdout.close()
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _stop(out: TextIO, worker: subprocess.Popen[str], why: str) -> int | None:
     """SIGTERM, as a process manager does; kill only if the graceful stop hangs."""
     if worker.poll() is None:
         _say(out, f"{why}: stopping the worker with SIGTERM")

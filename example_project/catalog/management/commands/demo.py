@@ -27,8 +27,8 @@ class _Stream:
 
 class Command(BaseCommand):
     help = (
-        "Seed demo work, start the demo shop on 127.0.0.1, run runworkitems until the work is "
-        "drained, stop it with SIGTERM and summarise the run history."
+        "Seed demo work, start the demo shop on 127.0.0.1, run runworkitems --drain until the work "
+        "is drained and summarise the run history."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
