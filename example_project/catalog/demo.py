@@ -254,7 +254,7 @@ def _drain(
             try:
                 exit_code = worker.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                exit_code = _stop(out, worker, "Giving up")
+                _stop(out, worker, "Giving up")
                 echo.join(10)
                 raise DemoError(
                     f"the work was not drained within {timeout:.0f}s; see {log_path}"
