@@ -69,6 +69,7 @@ GRAPHENE = {"SCHEMA": "django_workitems.schema.schema"}
 WORKITEMS = {
     "POLL_INTERVAL": env("WORKITEMS_POLL_INTERVAL", default="00:00:01"),
     "WORKERS": env.int("WORKITEMS_WORKERS", default=4),
+    "QUEUE_SIZE": env.int("WORKITEMS_QUEUE_SIZE", default=100),
     "SHUTDOWN_TIMEOUT": env("WORKITEMS_SHUTDOWN_TIMEOUT", default="00:00:05"),
     "LEASE_TIMEOUT": env("WORKITEMS_LEASE_TIMEOUT", default="00:00:10"),
 }

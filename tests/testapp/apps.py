@@ -7,12 +7,17 @@ class TestAppConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        import os
+        from functools import partial
+
         import django_workitems as workitems
 
         from .handlers import (
             BrokenFetchHandler,
             ExclusiveJobHandler,
             JobHandler,
+            QueueJobHandler,
+            QueueTaskHandler,
             SlowJobHandler,
             TaskHandler,
         )
@@ -25,3 +30,18 @@ class TestAppConfig(AppConfig):
         ).add_handler(BrokenFetchHandler, name="broken-fetch", purpose="ingestion").add_handler(
             TaskHandler, name="tasks", max_items_per_cycle=20
         ).add_handler(ExclusiveJobHandler, name="exclusive-jobs", max_items_per_cycle=5)
+        # WORKITEMS_TEST_MANY_HANDLERS=N registers N more: even ones exclusive on Job rows of
+        # their queue, odd ones claiming Task rows (the fairness tests with real workers).
+        for i in range(int(os.environ.get("WORKITEMS_TEST_MANY_HANDLERS", "0"))):
+            name = f"many-{i:03d}"
+            if i % 2 == 0:
+                workitems.add_handler(
+                    partial(QueueJobHandler, name), name=name, max_items_per_cycle=10
+                )
+            else:
+                workitems.add_handler(
+                    partial(QueueTaskHandler, name),
+                    name=name,
+                    max_items_per_cycle=10,
+                    exclusive=False,
+                )

@@ -80,3 +80,26 @@ class ExclusiveJobHandler(JobHandler):
     def close(self) -> None:
         if hasattr(self, "started"):
             Activity.objects.create(pid=os.getpid(), started=self.started, ended=timezone.now())
+
+
+class QueueJobHandler(JobHandler):
+    """An exclusive handler of one queue, made by a factory: ``QueueJobHandler(queue)``."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+
+
+class QueueTaskHandler(workitems.QuerySetHandler[Task]):
+    """A claiming handler of the Task rows whose ``action`` is its queue's name."""
+
+    queryset = Task.objects.all()
+
+    def __init__(self, queue: str) -> None:
+        super().__init__()
+        self.queue = queue
+        self.queryset = Task.objects.filter(action=queue)
+
+    def handle(self, obj: Task, cancel: workitems.CancellationToken) -> None:
+        ProcessLog.objects.create(task_id=obj.pk, pid=os.getpid())
+        if obj.seconds and cancel.wait(obj.seconds):
+            raise workitems.Cancelled()
