@@ -11,11 +11,23 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from .exceptions import Cancelled, ConfigurationError, UnknownHandlerError, WorkItemsError
-from .handlers import CancellationToken, Purpose, QuerySetHandler, WorkItem, WorkItemHandler
+from .handlers import CancellationToken, Purpose, WorkItem, WorkItemHandler
 from .registry import HandlerRegistry, Registration, add_handler, get_handlers, registry
 
 if TYPE_CHECKING:
     from .activation import CycleResult
+    from .claims import QuerySetHandler
+
+
+def __getattr__(name: str) -> object:
+    # ``QuerySetHandler`` needs the models, which must not load with the package (settings
+    # import it before the app registry is ready).
+    if name == "QuerySetHandler":
+        from .claims import QuerySetHandler
+
+        return QuerySetHandler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 try:
     __version__ = version("django-workitems")

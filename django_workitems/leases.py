@@ -70,6 +70,10 @@ class Lease:
         return f"<Lease handler={self.handler_id} valid={self.valid()}>"
 
 
+def _nothing() -> None:
+    pass
+
+
 class LeaseKeeper:
     """Owns every lease of this process and the worker's heartbeat; one thread renews them."""
 
@@ -80,8 +84,10 @@ class LeaseKeeper:
         ttl: timedelta,
         worker_id: int | None = None,
         on_dead_workers: Callable[[list[str]], None] | None = None,
+        on_beat: Callable[[], None] | None = None,
     ) -> None:
         self.owner = owner
+        self._on_beat = on_beat
         self.ttl = ttl
         self.worker_id = worker_id
         self._on_dead_workers = on_dead_workers
@@ -198,7 +204,11 @@ class LeaseKeeper:
     def _run(self) -> None:
         try:
             while not self._stop.wait(self.interval):
-                for job, what in ((self.renew, "renew leases"), (self.beat, "heartbeat")):
+                for job, what in (
+                    (self.renew, "renew leases"),
+                    (self.beat, "heartbeat"),
+                    (self._on_beat or _nothing, "write the outcomes kept for the database"),
+                ):
                     try:
                         job()
                     except DatabaseError:

@@ -7,7 +7,8 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 
 from django.db import connections, models, router, transaction
-from django.db.models import F, OuterRef, Q, Subquery
+from django.db.models import DateTimeField, ExpressionWrapper, F, OuterRef, Q, Subquery
+from django.db.models.functions import Now
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from model_utils import Choices
@@ -20,17 +21,27 @@ from .status import RunStatus as RunStatus
 _W = TypeVar("_W", bound="WorkItemModel")
 
 
+def db_now() -> Now:
+    """The database's clock: every time that decides liveness, claims and back-off."""
+    return Now()
+
+
+def db_now_plus(delta: timedelta) -> ExpressionWrapper[Any]:
+    """The database's now plus ``delta`` (negative for the past)."""
+    return ExpressionWrapper(Now() + delta, output_field=DateTimeField())
+
+
 class WorkerQuerySet(models.QuerySet["Worker"]):
     def alive(self, lease_timeout: timedelta) -> WorkerQuerySet:
         """Workers that heartbeated within ``lease_timeout`` and have not stopped."""
         return self.filter(
-            stopped_at__isnull=True, last_heartbeat_at__gte=timezone.now() - lease_timeout
+            stopped_at__isnull=True, last_heartbeat_at__gte=db_now_plus(-lease_timeout)
         )
 
     def dead(self, lease_timeout: timedelta) -> WorkerQuerySet:
         """Workers that stopped, or whose heartbeat is older than ``lease_timeout``."""
         return self.filter(
-            Q(stopped_at__isnull=False) | Q(last_heartbeat_at__lt=timezone.now() - lease_timeout)
+            Q(stopped_at__isnull=False) | Q(last_heartbeat_at__lt=db_now_plus(-lease_timeout))
         )
 
 
@@ -227,19 +238,26 @@ class WorkItemQuerySet(models.QuerySet[_W]):
     def queued(self) -> WorkItemQuerySet[_W]:
         return self.filter(status=WorkItemModel.STATUS.queued)
 
-    def available(self, now: datetime | None = None) -> WorkItemQuerySet[_W]:
-        """Queued rows whose ``available_at`` has come."""
-        return self.queued().filter(available_at__lte=now or timezone.now())
+    def available(self) -> WorkItemQuerySet[_W]:
+        """Queued rows whose ``available_at`` has come, on the database's clock."""
+        return self.queued().filter(available_at__lte=db_now())
 
     def abandoned(
-        self, lease_timeout: timedelta, now: datetime | None = None
+        self, lease_timeout: timedelta, *, worker_id: int | None = None
     ) -> WorkItemQuerySet[_W]:
-        """Rows in process under a claim whose worker stopped or stopped heartbeating."""
-        now = now or timezone.now()
+        """Rows in process under a claim whose worker stopped or stopped heartbeating.
+
+        Never the rows of ``worker_id`` itself: a worker that was cut off from the database
+        for longer than ``LEASE_TIMEOUT`` is still alive, and so are its items.
+        """
         dead = Worker.objects.dead(lease_timeout).values("pk")
-        return self.filter(status=WorkItemModel.STATUS.processing).filter(
-            Q(claimed_by__in=dead) | Q(claimed_by__isnull=True, claimed_at__lt=now - lease_timeout)
+        rows = self.filter(status=WorkItemModel.STATUS.processing).filter(
+            Q(claimed_by__in=dead)
+            | Q(claimed_by__isnull=True, claimed_at__lt=db_now_plus(-lease_timeout))
         )
+        if worker_id is not None:
+            rows = rows.exclude(claimed_by_id=worker_id)
+        return rows
 
     def claim(
         self,
@@ -248,28 +266,33 @@ class WorkItemQuerySet(models.QuerySet[_W]):
         worker_id: int | None,
         reclaim: bool = False,
         lease_timeout: timedelta | None = None,
+        token: uuid.UUID | None = None,
     ) -> list[_W]:
         """Claim up to ``max_items`` available rows (or, with ``reclaim``, one abandoned row).
 
         Rows are picked with ``SELECT ... FOR UPDATE SKIP LOCKED`` where the database has it,
         and taken with a conditional UPDATE either way, so two workers never claim one row.
-        Each claim carries a fresh token; outcomes are written only where it still matches.
-        Every claim counts as an attempt.
+        Each claim carries a fresh token (or ``token``); outcomes are written only where it
+        still matches. Every claim counts as an attempt. Any queryset works: one with joins,
+        ``distinct()`` or annotations is narrowed to its primary keys first, since rows can
+        only be locked in the model's own table.
         """
-        now = timezone.now()
-        token = uuid.uuid4()
+        token = token or uuid.uuid4()
+        # The state filters apply to the locked table itself, so a row claimed by another
+        # worker meanwhile is re-checked when it is locked, and skipped.
+        rows = self._lockable()
         if reclaim:
             assert lease_timeout is not None
-            candidates = self.abandoned(lease_timeout, now).order_by("claimed_at", "pk")
+            candidates = rows.abandoned(lease_timeout, worker_id=worker_id).order_by(
+                "claimed_at", "pk"
+            )
             max_items = 1
         else:
-            candidates = self.available(now).order_by("available_at", "pk")
+            candidates = rows.available().order_by("available_at", "pk")
         changes = {
             "status": WorkItemModel.STATUS.processing,
             "claimed_by_id": worker_id,
-            "claimed_at": now,
             "claim_token": token,
-            "modified": now,
         }
         if connections[self.db].vendor == "postgresql":
             return self._claim_in_one_statement(candidates, max_items, changes)
@@ -279,12 +302,22 @@ class WorkItemQuerySet(models.QuerySet[_W]):
                 return []
             # Re-check the state in the UPDATE itself: SQLite has no row locks, but with
             # IMMEDIATE transactions (see the README) the whole claim holds its write lock.
-            candidates.filter(pk__in=ids).update(attempts=F("attempts") + 1, **changes)
+            candidates.filter(pk__in=ids).update(
+                attempts=F("attempts") + 1, claimed_at=db_now(), modified=db_now(), **changes
+            )
             # Read inside the transaction: if the connection drops before the commit, the claim
             # is rolled back instead of leaving rows claimed that nobody knows of.
             return list(
                 self.model._base_manager.using(self.db).filter(claim_token=token).order_by("pk")
             )
+
+    def _lockable(self) -> WorkItemQuerySet[_W]:
+        """This queryset as one over the model's table alone, so its rows can be locked."""
+        query = self.query
+        if not (query.distinct or len(query.alias_map) > 1 or query.annotations or query.extra):
+            return self
+        base: WorkItemQuerySet[_W] = WorkItemQuerySet(model=self.model, using=self.db)
+        return base.filter(pk__in=self.order_by().values("pk"))
 
     def _claim_in_one_statement(
         self, candidates: WorkItemQuerySet[_W], max_items: int, changes: dict[str, Any]
@@ -311,17 +344,20 @@ class WorkItemQuerySet(models.QuerySet[_W]):
         sql = (
             f"UPDATE {quote(meta.db_table)} SET "  # noqa: S608
             f"{', '.join(f'{column(name)} = %s' for name in changes)}, "
+            f"{column('claimed_at')} = STATEMENT_TIMESTAMP(), "
+            f"{column('modified')} = STATEMENT_TIMESTAMP(), "
             f"{attempts} = {attempts} + 1 "
             f"WHERE {column(meta.pk.name)} IN ({sub_sql} FOR UPDATE SKIP LOCKED) RETURNING *"
         )
         rows = self.model._base_manager.using(self.db).raw(sql, [*changes.values(), *sub_params])
         return sorted(rows, key=lambda row: row.pk)
 
-    def fail_exhausted_abandoned(self, lease_timeout: timedelta, max_attempts: int) -> int:
+    def fail_exhausted_abandoned(
+        self, lease_timeout: timedelta, max_attempts: int, *, worker_id: int | None = None
+    ) -> int:
         """Mark ``failed`` the abandoned rows that already used every attempt."""
-        now = timezone.now()
         return (
-            self.abandoned(lease_timeout, now)
+            self.abandoned(lease_timeout, worker_id=worker_id)
             .filter(attempts__gte=max_attempts)
             .update(
                 status=WorkItemModel.STATUS.failed,
@@ -331,7 +367,7 @@ class WorkItemQuerySet(models.QuerySet[_W]):
                 ),
                 claimed_by=None,
                 claim_token=None,
-                modified=now,
+                modified=db_now(),
             )
         )
 

@@ -49,6 +49,7 @@ from .activation import (
     safe_str,
 )
 from .channel import FairChannel
+from .claims import ClaimBook, QuerySetHandler, current_claims
 from .conf import app_settings
 from .exceptions import Cancelled, WorkItemsError
 from .handlers import CancellationToken, call_handler, current_worker_id
@@ -261,6 +262,7 @@ class FetchPool:
     def _run(self) -> None:
         me = threading.current_thread()
         current_worker_id.set(self._service.worker_id)
+        current_claims.set(self._service.claims)
         try:
             while True:
                 with self._lock:
@@ -369,11 +371,14 @@ class WorkItemProcessingService:
         self.token = cancel or CancellationToken()
         self._waker = waker if waker is not None else _EventWaker()
         self.channel: FairChannel[Entry] = FairChannel(self.queue_size, on_room=self._waker.wake)
+        self.claims = ClaimBook()
+        """The claim state of this process's ``QuerySetHandler`` activations."""
         self.keeper = LeaseKeeper(
             owner=owner,
             ttl=self.lease_timeout,
             worker_id=worker_id,
             on_dead_workers=on_dead_workers,
+            on_beat=self.claims.settle,
         )
         self.recorder = recording.RunRecorder(worker_id=worker_id)
         self.stats = DurationStats()
@@ -548,6 +553,8 @@ class WorkItemProcessingService:
                 activation.token.raise_if_cancelled()
                 if activation.handler is None:
                     activation.handler = reg.create_handler()
+                    if isinstance(activation.handler, QuerySetHandler):
+                        activation.handler.claims = self.claims
                     activation.is_async = _is_coroutine_function(activation.handler.process)
                 ran = True
                 items = as_items(
@@ -678,6 +685,7 @@ class WorkItemProcessingService:
 
     def _pool_worker(self, slot: Slot) -> None:
         current_worker_id.set(self.worker_id)
+        current_claims.set(self.claims)
         try:
             while True:
                 found = self.channel.take(timeout=IDLE_AFTER)

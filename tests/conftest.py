@@ -224,9 +224,7 @@ def run_in_background() -> Iterator[Callable[..., Any]]:
 @pytest.fixture(autouse=True)
 def _fresh_claim_state() -> Iterator[None]:
     """QuerySetHandler keeps per-process claim state (like a cache); each test starts clean."""
-    from django_workitems.handlers import QuerySetHandler
+    from django_workitems.claims import reset_local_book
 
-    QuerySetHandler._next_sweep.clear()
-    QuerySetHandler._suspects.clear()
-    QuerySetHandler._unsettled.clear()
+    reset_local_book()
     yield
