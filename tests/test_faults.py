@@ -1,0 +1,91 @@
+"""Faults made to happen (issue 11): real ``runworkitems`` subprocesses, real signals, and a
+loopback TCP proxy of our own between the worker and PostgreSQL (``tests/faultproxy.py``)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+from django.db import connection
+
+from tests.conftest import database_url, wait_for
+from tests.faultproxy import FaultProxy, fault_proxy
+from tests.test_scaleout import postgres_only, stop_all
+from tests.testapp.models import ProcessLog, Task
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SHUTDOWN = 3.0  # WORKITEMS_SHUTDOWN_TIMEOUT of these workers, in seconds
+
+
+@pytest.fixture
+def proxy() -> Iterator[FaultProxy]:
+    postgres_only()
+    settings = connection.settings_dict
+    with fault_proxy((settings["HOST"] or "127.0.0.1", int(settings["PORT"] or 5432))) as p:
+        yield p
+
+
+def through(proxy: FaultProxy) -> dict[str, str]:
+    """Worker settings that reach the test database through the proxy."""
+    url = database_url()
+    host_port = url.split("@", 1)[1].split("/", 1)[0]
+    return {
+        "DATABASE_URL": url.replace(f"@{host_port}/", f"@127.0.0.1:{proxy.port}/"),
+        "WORKITEMS_SHUTDOWN_TIMEOUT": f"00:00:0{int(SHUTDOWN)}",
+        "WORKITEMS_LEASE_TIMEOUT": "00:00:04",
+    }
+
+
+def test_a_claim_whose_reply_was_lost_is_recovered_while_the_worker_lives(start_worker, proxy):
+    """Defect 1: the claim committed, its reply never arrived; the rows must not stay stuck
+    under the live worker, and the lost claim costs no attempt."""
+    Task.objects.bulk_create([Task() for _ in range(20)])
+    # The normal claim orders by availability (the take-back of dead workers' rows does not).
+    proxy.drop_reply_to(b'ORDER BY "testapp_task"."available_at"')
+    worker = start_worker("--handler", "tasks", "--workers", "2", **through(proxy))
+    assert proxy.dropped.wait(60), "the claim never went through the proxy"
+
+    wait_for(
+        lambda: Task.objects.filter(status="succeeded").count() == 20,
+        timeout=60,
+        message="every row, including those of the lost claim",
+    )
+    assert worker.proc.poll() is None, "recovered only because the worker stopped"
+    stop_all([worker])
+    assert set(Task.objects.values_list("attempts", flat=True)) == {1}
+    assert set(Counter(ProcessLog.objects.values_list("task_id", flat=True)).values()) == {1}
+    assert "put back in the queue" in worker.output()
+
+
+@pytest.mark.parametrize("fault", ["freeze", "refuse"])
+def test_sigterm_ends_the_worker_in_bounded_time_whatever_the_database_does(
+    start_worker, proxy, fault
+):
+    """Defects 2 and 3: a database that refuses, or never answers (half-open), must not hold
+    the worker past SHUTDOWN_TIMEOUT plus a few seconds."""
+    Task.objects.bulk_create([Task(seconds=30) for _ in range(6)])
+    worker = start_worker("--handler", "tasks", "--workers", "2", **through(proxy))
+    wait_for(lambda: ProcessLog.objects.count() >= 2, timeout=60, message="two rows in process")
+    proxy.set_mode(fault)
+    sent = time.monotonic()
+    worker.proc.send_signal(signal.SIGTERM)
+    rc = worker.wait(SHUTDOWN + 30)
+    took = time.monotonic() - sent
+    assert rc == 0, worker.output()
+    assert took < SHUTDOWN + 15, f"the worker took {took:.1f}s to stop\n{worker.output()}"
+
+
+def test_a_second_sigint_exits_at_once_even_with_the_database_frozen(start_worker, proxy):
+    Task.objects.bulk_create([Task(seconds=30) for _ in range(4)])
+    settings = {**through(proxy), "WORKITEMS_SHUTDOWN_TIMEOUT": "00:01:00"}
+    worker = start_worker("--handler", "tasks", "--workers", "2", **settings)
+    wait_for(lambda: ProcessLog.objects.count() >= 1, timeout=60, message="a row in process")
+    proxy.set_mode("freeze")
+    worker.proc.send_signal(signal.SIGINT)
+    wait_for(lambda: "stopping" in worker.output(), timeout=20, message="the first SIGINT seen")
+    worker.proc.send_signal(signal.SIGINT)
+    assert worker.wait(20) == 130, worker.output()
