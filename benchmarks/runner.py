@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", required=True, help="label of the database in the results")
     parser.add_argument("--out", required=True, type=Path, help="where to write the results")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9")
     args = parser.parse_args(argv)
 
     django.setup()

@@ -38,7 +38,15 @@ from django_workitems.handlers import CancellationToken, current_worker_id
 from django_workitems.models import HandlerRun, Worker
 from django_workitems.registry import HandlerRegistry
 
-from .handlers import IO_SECONDS, DrainHandler, StaticHandler, Stopwatch, list_factory, tickets
+from .handlers import (
+    IO_SECONDS,
+    DrainHandler,
+    StaticHandler,
+    Stopwatch,
+    Ticket,
+    list_factory,
+    tickets,
+)
 from .models import BenchItem
 from .results import Result
 
@@ -770,6 +778,152 @@ def claim_at_scale(bench: Bench) -> list[Result]:
     ]
 
 
+# -- 8: the cost of one cycle ----------------------------------------------------------------
+
+
+def cycle_overhead(bench: Bench) -> list[Result]:
+    """Workload 8: ``run_once`` of one handler with three no-op items, median of many cycles.
+
+    The baseline is a thread pool of the same size started, fed three no-op items and shut down:
+    what any loop pays for running three items on threads.
+    """
+    cycles = 5 if bench.quick else 30
+    engine: list[float] = []
+    bare: list[float] = []
+    for _ in range(cycles):
+        started = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(_noop, tickets(3)))
+        bare.append(time.monotonic() - started)
+        registry = HandlerRegistry()
+        registry.add_handler(
+            functools.partial(StaticHandler, tickets(3)), name="bench.cycle", max_items_per_cycle=3
+        )
+        started = time.monotonic()
+        result = run_once(registry=registry, workers=4)
+        engine.append(time.monotonic() - started)
+        if result["bench.cycle"].succeeded != 3:
+            raise BenchError(f"the cycle processed {result['bench.cycle'].succeeded} items")
+    figure, baseline = statistics.median(engine) * 1000, statistics.median(bare) * 1000
+    bench.say(f"8 cycle overhead: run_once of 3 no-op items {figure:.1f} ms (pool {baseline:.1f})")
+    return [
+        Result(
+            workload="8 cycle overhead (run_once, 3 no-op items)",
+            db=bench.db,
+            figure=figure,
+            unit="ms",
+            baseline=baseline,
+            baseline_label="ThreadPoolExecutor(4) start, map, stop",
+            ratio=figure / baseline if baseline else 0.0,
+            target="< 50 ms",
+            met=figure < 50,
+            details={"cycles": cycles, "engine_ms": [e * 1000 for e in engine]},
+        )
+    ]
+
+
+# -- 9: many backlogged handlers, little room --------------------------------------------------
+
+
+class _Counted(workitems.WorkItemHandler[Ticket]):
+    """An endless backlog; counts each processed item under its handler's name."""
+
+    def __init__(self, name: str, served: dict[str, int], lock: threading.Lock, seconds: float):
+        self.name, self.served, self.lock, self.seconds = name, served, lock, seconds
+
+    def fetch_next(self, max_items: int, cancel: CancellationToken) -> list[Ticket]:
+        return tickets(max_items)
+
+    def process(self, item: Ticket, cancel: CancellationToken) -> None:
+        time.sleep(self.seconds)
+        with self.lock:
+            self.served[self.name] += 1
+
+
+def many_handlers(bench: Bench) -> list[Result]:
+    """Workload 9: 200 backlogged handlers (half exclusive), ``QUEUE_SIZE`` 100, 4 threads.
+
+    Figures: the time until every handler was served once, against the ideal (200 items on 4
+    threads), and the ratio between the most and the least served handler over the window.
+    """
+    count, threads, seconds = 200, 4, 0.002
+    window = 3.0 if bench.quick else 30.0
+    served = dict.fromkeys((f"bench.many.{i:03d}" for i in range(count)), 0)
+    lock = threading.Lock()
+    registry = HandlerRegistry()
+    for i, name in enumerate(served):
+        registry.add_handler(
+            functools.partial(_Counted, name, served, lock, seconds),
+            name=name,
+            max_items_per_cycle=10,
+            exclusive=i % 2 == 0,
+        )
+    options = {**settings.WORKITEMS, "QUEUE_SIZE": 100, "WORKERS": threads}
+    with override_settings(WORKITEMS=options):
+        service = BackgroundProcessingService(
+            registry=registry, workers=threads, poll_interval=timedelta(hours=1)
+        )
+        thread = threading.Thread(target=service.run, name="bench-coordinator")
+        thread.start()
+        try:
+            if not service.started.wait(60):
+                raise BenchError("the worker did not start")
+            started = time.monotonic()
+            all_served: float | None = None
+            while time.monotonic() - started < max(window, 120.0 if all_served is None else 0):
+                with lock:
+                    least = min(served.values())
+                if all_served is None and least >= 1:
+                    all_served = time.monotonic() - started
+                if all_served is not None and time.monotonic() - started >= window:
+                    break
+                time.sleep(0.01)
+            with lock:
+                counts = dict(served)
+        finally:
+            service.stop()
+            thread.join(60)
+    if all_served is None:
+        raise BenchError("some handler was never served within 120 s")
+    ideal = count * seconds / threads
+    spread = max(counts.values()) / max(1, min(counts.values()))
+    bench.say(
+        f"9 many handlers: all 200 served once after {all_served:.2f}s (ideal {ideal:.2f}s); "
+        f"most/least served over {window:.0f}s: {spread:.2f}"
+    )
+    return [
+        Result(
+            workload="9 200 handlers: every one served once",
+            db=bench.db,
+            figure=all_served,
+            unit="s",
+            baseline=ideal,
+            baseline_label="200 items on 4 threads",
+            ratio=all_served / ideal,
+            target="none: context",
+            met=True,
+            details={"handlers": count, "queue_size": 100, "item_seconds": seconds},
+        ),
+        Result(
+            workload="9 200 handlers: most / least served",
+            db=bench.db,
+            figure=spread,
+            unit="x",
+            baseline=1.0,
+            baseline_label="perfectly even",
+            ratio=spread,
+            target="< 1.5",
+            met=spread < 1.5,
+            details={
+                "window_s": window,
+                "most": max(counts.values()),
+                "least": min(counts.values()),
+                "total": sum(counts.values()),
+            },
+        ),
+    ]
+
+
 WORKLOADS: dict[int, Callable[[Bench], list[Result]]] = {
     1: drain_trivial,
     2: drain_io,
@@ -778,4 +932,6 @@ WORKLOADS: dict[int, Callable[[Bench], list[Result]]] = {
     5: fairness,
     6: memory,
     7: claim_at_scale,
+    8: cycle_overhead,
+    9: many_handlers,
 }

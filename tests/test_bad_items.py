@@ -71,10 +71,10 @@ class LeaksTransaction(Ok):
 
 
 class Hangs(Ok):
-    release = threading.Event()
+    unblock = threading.Event()
 
     def run(self, cancel: workitems.CancellationToken) -> None:
-        self.release.wait(120)  # ignores its token, like a blocking call would
+        self.unblock.wait(120)  # ignores its token, like a blocking call would
 
 
 def handler_with(items: list[Any]) -> type[Items]:
@@ -138,7 +138,7 @@ def test_a_process_that_leaves_a_transaction_open_fails_alone(registry):
 
 def test_a_hung_process_is_given_up_after_its_timeout_and_the_others_go_on(registry):
     """Defect 6: failed ("did not finish within"), visible in the run; the rest processed."""
-    Hangs.release.clear()
+    Hangs.unblock.clear()
     try:
         registry.add_handler(
             handler_with([Hangs("stuck")] + [Ok(f"n{i}") for i in range(5)]),
@@ -156,14 +156,14 @@ def test_a_hung_process_is_given_up_after_its_timeout_and_the_others_go_on(regis
         assert failure.item_id == "stuck" and "did not finish within" in failure.message
         assert HandlerRun.objects.get(handler__name="hangs").status == RunStatus.PARTIAL
     finally:
-        Hangs.release.set()
+        Hangs.unblock.set()
 
 
 class HungFetch(workitems.WorkItemHandler[Any]):
-    release = threading.Event()
+    unblock = threading.Event()
 
     def fetch_next(self, max_items: int, cancel: workitems.CancellationToken) -> list[Any]:
-        self.release.wait(120)
+        self.unblock.wait(120)
         return [Ok("late")]
 
     def process(self, item: Any, cancel: workitems.CancellationToken) -> None:
@@ -171,7 +171,7 @@ class HungFetch(workitems.WorkItemHandler[Any]):
 
 
 def test_a_hung_fetch_is_given_up_after_its_timeout_and_other_handlers_run(registry):
-    HungFetch.release.clear()
+    HungFetch.unblock.clear()
     try:
         registry.add_handler(HungFetch, name="hung-fetch", fetch_timeout=timedelta(seconds=0.5))
         registry.add_handler(handler_with([Ok(f"k{i}") for i in range(4)]), name="fine")
@@ -183,7 +183,7 @@ def test_a_hung_fetch_is_given_up_after_its_timeout_and_other_handlers_run(regis
         run = HandlerRun.objects.get(handler__name="hung-fetch")
         assert run.status == RunStatus.FAILED and "within" in run.error
     finally:
-        HungFetch.release.set()
+        HungFetch.unblock.set()
 
 
 def override_workers(n: int) -> Any:
