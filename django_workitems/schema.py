@@ -11,21 +11,31 @@ of each run).
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import graphene
 from django.db import models
 from django.db.models import Prefetch, prefetch_related_objects
+from graphene.validation import depth_limit_validator
 from graphene_django import DjangoObjectType
-from graphql import GraphQLError
+from graphene_django.views import GraphQLView as _GrapheneGraphQLView
+from graphql import ExecutionResult, GraphQLError, parse, specified_rules, validate
 
 from . import recording
 from .exceptions import UnknownHandlerError
 from .handlers import Purpose
 from .health import Backlog, handler_backlog
-from .models import Handler, HandlerRun, ItemFailure, RunStatus
-from .registry import registry
+from .models import Handler, HandlerRun, ItemFailure
+from .registry import Registration, registry
+from .status import RunStatus
+
+MAX_DEPTH = 6
+"""Queries nested deeper than this are refused before anything runs."""
+
+VALIDATION_RULES: Sequence[Any] = (*specified_rules, depth_limit_validator(max_depth=MAX_DEPTH))
+"""graphql-core's rules plus the depth limit: give them to any view serving these types."""
 
 MAX_FIRST = 100
 """The most rows a list field returns, whatever ``first`` asks for."""
@@ -39,6 +49,22 @@ _BACKLOG = "_workitems_backlog"
 WorkItemHandlerPurpose = graphene.Enum.from_enum(
     Purpose, name="WorkItemHandlerPurpose", description="What a handler is for."
 )
+
+
+HandlerRunStatus = graphene.Enum(
+    "HandlerRunStatus",
+    [(status.name, status.value) for status in RunStatus],
+    description="How a run ended, or RUNNING.",
+)
+
+
+def _status(value: Any) -> str:
+    """The stored value of a ``HandlerRunStatus`` argument (graphene passes the member)."""
+    return str(getattr(value, "value", value))
+
+
+def _registration(handler: Handler) -> Registration | None:
+    return registry.get(handler.name) if handler.name in registry else None
 
 
 def _batched(objects: list[_M]) -> list[_M]:
@@ -117,13 +143,56 @@ class WorkItemHandlerType(DjangoObjectType):  # type: ignore[misc]
             description=f"How many, newest first (default {DEFAULT_FIRST}, at most {MAX_FIRST})."
         ),
     )
+    poll_interval_seconds = graphene.Float(
+        description="Seconds between activations of an interval handler; null when scheduled."
+    )
+    schedule = graphene.String(description="The cron expression of a scheduled handler.")
+    exclusive = graphene.Boolean(required=True, description="At most one worker runs it at a time.")
+    next_due_at = graphene.DateTime(description="When it is next due to run, if known.")
+    last_checked_at = graphene.DateTime(description="The last fetch, even one that found nothing.")
 
     class Meta:
         model = Handler
         name = "WorkItemHandlerType"
         description = "A registered work item handler."
-        fields = ("name", "purpose", "max_items_per_cycle", "is_enabled", "is_registered")
+        fields = (
+            "name",
+            "purpose",
+            "max_items_per_cycle",
+            "is_enabled",
+            "is_registered",
+            "last_checked_at",
+        )
         convert_choices_to_enum = False
+
+    @staticmethod
+    def resolve_poll_interval_seconds(root: Handler, info: graphene.ResolveInfo) -> float | None:
+        registration = _registration(root)
+        if registration is None or registration.schedule:
+            return None
+        return registration.effective_poll_interval().total_seconds()
+
+    @staticmethod
+    def resolve_schedule(root: Handler, info: graphene.ResolveInfo) -> str | None:
+        registration = _registration(root)
+        return registration.schedule if registration is not None else None
+
+    @staticmethod
+    def resolve_exclusive(root: Handler, info: graphene.ResolveInfo) -> bool:
+        registration = _registration(root)
+        return registration.exclusive if registration is not None else True
+
+    @staticmethod
+    def resolve_next_due_at(root: Handler, info: graphene.ResolveInfo) -> datetime | None:
+        registration = _registration(root)
+        if registration is None:
+            return None
+        if registration.schedule:
+            return root.next_slot_at
+        if root.last_checked_at is None:
+            return None
+        interval: timedelta = registration.effective_poll_interval()
+        return root.last_checked_at + interval
 
     @staticmethod
     def resolve_last_run(root: Handler, info: graphene.ResolveInfo) -> HandlerRun | None:
@@ -159,7 +228,7 @@ class WorkItemHandlerType(DjangoObjectType):  # type: ignore[misc]
 
 class HandlerRunType(DjangoObjectType):  # type: ignore[misc]
     handler = graphene.NonNull(WorkItemHandlerType)
-    status = graphene.String(required=True, description=", ".join(RunStatus.values))
+    status = graphene.NonNull(HandlerRunStatus)
     duration_seconds = graphene.Float()
     error = graphene.String()
     failures = graphene.NonNull(graphene.List(graphene.NonNull(ItemFailureType)))
@@ -181,6 +250,10 @@ class HandlerRunType(DjangoObjectType):  # type: ignore[misc]
             "failures",
         )
         convert_choices_to_enum = False
+
+    @staticmethod
+    def resolve_status(root: HandlerRun, info: graphene.ResolveInfo) -> str:
+        return root.status
 
     @staticmethod
     def resolve_handler(root: HandlerRun, info: graphene.ResolveInfo) -> Handler:
@@ -223,7 +296,7 @@ class Query(graphene.ObjectType):  # type: ignore[misc]
     handler_runs = graphene.NonNull(
         graphene.List(graphene.NonNull(HandlerRunType)),
         handler=graphene.String(),
-        status=graphene.String(),
+        status=HandlerRunStatus(),
         first=graphene.Int(),
         description=f"Runs, newest first (default {DEFAULT_FIRST}, at most {MAX_FIRST}).",
     )
@@ -262,17 +335,13 @@ class Query(graphene.ObjectType):  # type: ignore[misc]
         root: Any,
         info: graphene.ResolveInfo,
         handler: str | None = None,
-        status: str | None = None,
+        status: Any = None,
         first: int | None = None,
     ) -> list[HandlerRun]:
         _require(info, HandlerRun, "view")
         runs = HandlerRun.objects.order_by("-started_at", "-id")
         if status is not None:
-            if status not in RunStatus.values:
-                raise GraphQLError(
-                    f"Unknown run status {status!r}; use one of {', '.join(RunStatus.values)}."
-                )
-            runs = runs.filter(status=status)
+            runs = runs.filter(status=_status(status))
         if handler is not None:
             handler_id = Handler.objects.filter(name=handler).values_list("pk", flat=True).first()
             if handler_id is None:
@@ -344,4 +413,31 @@ class Mutation(graphene.ObjectType):  # type: ignore[misc]
     set_work_item_handler_enabled = SetWorkItemHandlerEnabled.Field()
 
 
-schema = graphene.Schema(query=Query, mutation=Mutation)
+class BoundedSchema(graphene.Schema):  # type: ignore[misc]
+    """A schema whose ``execute`` applies :data:`VALIDATION_RULES` (the depth limit) first."""
+
+    def execute(self, request_string: Any = None, *args: Any, **kwargs: Any) -> ExecutionResult:
+        source = kwargs.get("source", request_string)
+        if isinstance(source, str):
+            try:
+                document = parse(source)
+            except GraphQLError as error:
+                return ExecutionResult(data=None, errors=[error])
+            errors = validate(self.graphql_schema, document, VALIDATION_RULES)
+            if errors:
+                return ExecutionResult(data=None, errors=errors)
+        result: ExecutionResult = super().execute(request_string, *args, **kwargs)
+        return result
+
+
+class GraphQLView(_GrapheneGraphQLView):  # type: ignore[misc]
+    """graphene-django's view with :data:`VALIDATION_RULES`: mount this one for these types.
+
+    ``path("graphql/", GraphQLView.as_view(schema=schema))``; a project with its own view class
+    sets ``validation_rules = VALIDATION_RULES`` on it.
+    """
+
+    validation_rules = VALIDATION_RULES
+
+
+schema = BoundedSchema(query=Query, mutation=Mutation)

@@ -146,7 +146,7 @@ def test_work_item_handler_with_last_run_runs_and_failures(gql, handlers):
 
     assert result["lastRun"] == {
         "id": str(new.pk),
-        "status": "partial",
+        "status": "PARTIAL",
         "durationSeconds": 1.5,
         "error": None,
         "handler": {"name": "jobs"},
@@ -197,7 +197,7 @@ def test_handler_runs_filters_newest_first(gql, handlers):
     a = HandlerRunFactory(handler=jobs, started_at=now - timedelta(minutes=3))
     b = HandlerRunFactory(handler=tasks, status=RunStatus.FAILED, started_at=now - timedelta(2))
     c = HandlerRunFactory(handler=jobs, status=RunStatus.FAILED, started_at=now)
-    query = """query($handler: String, $status: String, $first: Int) {
+    query = """query($handler: String, $status: HandlerRunStatus, $first: Int) {
       handlerRuns(handler: $handler, status: $status, first: $first) { id handler { name } }
     }"""
 
@@ -206,8 +206,8 @@ def test_handler_runs_filters_newest_first(gql, handlers):
 
     assert ids() == [c.pk, a.pk, b.pk]
     assert ids(handler="jobs") == [c.pk, a.pk]
-    assert ids(status="failed") == [c.pk, b.pk]
-    assert ids(handler="jobs", status="failed") == [c.pk]
+    assert ids(status="FAILED") == [c.pk, b.pk]
+    assert ids(handler="jobs", status="FAILED") == [c.pk]
     assert ids(first=1) == [c.pk]
     assert ids(first=0) == []
 
@@ -234,8 +234,8 @@ def test_unknown_names_statuses_and_bad_first_are_clear_errors(gql, handlers):
     assert "Unknown work item handler 'nope'" in error(
         gql('{ handlerRuns(handler: "nope") { id } }')
     )
-    message = error(gql('{ handlerRuns(status: "exploded") { id } }'))
-    assert "Unknown run status 'exploded'" in message and "succeeded" in message
+    message = error(gql("{ handlerRuns(status: EXPLODED) { id } }"))
+    assert "EXPLODED" in message
     assert "first must be >= 0" in error(gql("{ handlerRuns(first: -1) { id } }"))
     assert "first must be >= 0" in error(
         gql('{ workItemHandler(name: "jobs") { runs(first: -5) { id } } }')
@@ -420,3 +420,30 @@ def test_query_and_mutation_mix_into_a_projects_schema(rf, admin_user, handlers)
         context_value=request,
     )
     assert result.errors is None and not Handler.objects.get(name="jobs").is_enabled
+
+
+def test_queries_nested_deeper_than_6_levels_are_refused_before_any_resolver_runs(
+    gql, handlers, monkeypatch
+):
+    called = []
+    monkeypatch.setattr(
+        "django_workitems.schema.Query.resolve_handler_runs",
+        staticmethod(lambda *a, **k: called.append(1) or []),
+    )
+    deep = "{ handlerRuns { handler { runs { handler { runs { handler { runs { id } } } } } } } }"
+    message = error(gql(deep))
+    assert "exceeds maximum operation depth" in message
+    assert called == []
+    from django_workitems.schema import schema
+
+    result = schema.execute(deep)
+    assert result.errors and "maximum operation depth" in str(result.errors[0])
+    assert called == []
+
+
+def test_handler_fields_of_the_spec(gql, handlers):
+    data = gql(
+        "{ workItemHandlers { name pollIntervalSeconds schedule exclusive nextDueAt "
+        "lastCheckedAt } }"
+    )
+    assert all(isinstance(h["exclusive"], bool) for h in data["data"]["workItemHandlers"])

@@ -1,9 +1,8 @@
 from django.contrib import admin
 from django.urls import path
-from graphene_django.views import GraphQLView
 
 from django_workitems.health import health_view
-from django_workitems.schema import schema
+from django_workitems.schema import GraphQLView, schema
 
 urlpatterns = [
     path("admin/", admin.site.urls),
