@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings as django_settings
+from django.utils.dateparse import parse_duration as django_parse_duration
 
 from .exceptions import ConfigurationError
 
@@ -24,22 +26,68 @@ _DURATION_RE = re.compile(
 _SECONDS_RE = re.compile(r"\d+(?:\.\d+)?", re.ASCII)
 
 
-def parse_duration(value: object, *, allow_zero: bool = False) -> timedelta:
-    """Parse ``"[d.]hh:mm:ss"``, a ``timedelta`` or a number of seconds into a ``timedelta``.
+MIN_POLL_INTERVAL = timedelta(milliseconds=100)
+"""The shortest ``POLL_INTERVAL`` (and per-handler ``poll_interval``)."""
+MIN_LEASE_TIMEOUT = timedelta(seconds=1)
+MAX_LEASE_TIMEOUT = timedelta(days=1)
 
-    Raises ``ValueError`` with a message that says what is accepted.
+
+def max_date_offset() -> timedelta:
+    """The longest duration that can be added to and subtracted from today's date.
+
+    Durations are added to (next due, lease expiry) and subtracted from (retention horizon,
+    dead-worker horizon) the current time; a day of margin keeps time zone conversions safe.
+    """
+    now = datetime.now(UTC)
+    room = min(datetime.max.replace(tzinfo=UTC) - now, now - datetime.min.replace(tzinfo=UTC))
+    return timedelta(days=room.days - 1)
+
+
+def max_wait() -> timedelta:
+    """The longest duration that is also used as a thread wait timeout."""
+    return min(max_date_offset(), timedelta(seconds=int(threading.TIMEOUT_MAX)))
+
+
+def parse_duration(
+    value: object,
+    *,
+    allow_zero: bool = False,
+    minimum: timedelta | None = None,
+    maximum: timedelta | None = None,
+) -> timedelta:
+    """Parse a duration into a ``timedelta``: ``"[d.]hh:mm:ss"``, anything Django's
+    ``parse_duration`` reads (``"3 00:00:00"``, ``"P3D"``, ``"PT5M"``), a ``timedelta`` or a
+    number of seconds (a number or a numeric string).
+
+    The result is positive (or zero with ``allow_zero``), at least ``minimum``, and at most
+    ``maximum`` (by default :func:`max_date_offset`). Raises ``ValueError`` with a message that
+    says what is accepted.
     """
     try:
         duration = _to_timedelta(value)
     except OverflowError:
-        raise ValueError(f"is too large for a duration (at most {timedelta.max})") from None
-    if duration < timedelta(0) or (duration == timedelta(0) and not allow_zero):
+        duration = None
+    if duration is not None and (
+        duration < timedelta(0) or (duration == timedelta(0) and not allow_zero)
+    ):
         raise ValueError("must be positive" if not allow_zero else "must not be negative")
+    if maximum is None:
+        maximum = max_date_offset()
+    if duration is None or duration > maximum:
+        raise ValueError(f"is too large for a duration (at most {_describe(maximum)})")
+    if minimum is not None and duration < minimum:
+        raise ValueError(f"is too small (at least {_describe(minimum)})")
     return duration
 
 
+def _describe(duration: timedelta) -> str:
+    if duration >= timedelta(days=2):
+        return f"{duration.days} days"
+    return f"{duration.total_seconds():g} seconds"
+
+
 def _to_timedelta(value: object) -> timedelta:
-    duration: timedelta
+    duration: timedelta | None
     if isinstance(value, timedelta):
         duration = value
     elif isinstance(value, int | float) and not isinstance(value, bool):
@@ -60,7 +108,14 @@ def _to_timedelta(value: object) -> timedelta:
         elif _SECONDS_RE.fullmatch(text):
             duration = timedelta(seconds=float(text))
         else:
-            raise ValueError('must be "[d.]hh:mm:ss" (e.g. "00:05:00"), a timedelta or seconds')
+            # Only ASCII: Django's patterns use \d, which also matches other scripts' digits.
+            duration = django_parse_duration(text) if text.isascii() else None
+            if duration is None:
+                raise ValueError(
+                    'must be "[d.]hh:mm:ss" (e.g. "00:05:00"), a duration Django\'s '
+                    'parse_duration reads (e.g. "3 00:00:00", "P3D", "PT5M"), a timedelta '
+                    "or seconds"
+                )
     else:
         raise ValueError(
             'must be "[d.]hh:mm:ss", a timedelta or a number of seconds, '
@@ -69,24 +124,37 @@ def _to_timedelta(value: object) -> timedelta:
     return duration
 
 
+_INT_RE = re.compile(r"\+?\d+", re.ASCII)
+
+
 def _positive_int(value: object) -> int:
+    if isinstance(value, str) and _INT_RE.fullmatch(value.strip()):
+        value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"must be an int >= 1, not {type(value).__name__}")
+        raise ValueError(f"must be an int >= 1 (or a string of digits), not {type(value).__name__}")
     if value < 1:
         raise ValueError("must be an int >= 1")
     return value
+
+
+def _poll_interval(value: object) -> timedelta:
+    return parse_duration(value, minimum=MIN_POLL_INTERVAL, maximum=max_wait())
+
+
+def _lease_timeout(value: object) -> timedelta:
+    return parse_duration(value, minimum=MIN_LEASE_TIMEOUT, maximum=MAX_LEASE_TIMEOUT)
 
 
 def _duration(value: object) -> timedelta:
     return parse_duration(value)
 
 
-def _duration_or_zero(value: object) -> timedelta:
-    return parse_duration(value, allow_zero=True)
+def _wait_or_zero(value: object) -> timedelta:
+    return parse_duration(value, allow_zero=True, maximum=max_wait())
 
 
-def _duration_or_none(value: object) -> timedelta | None:
-    return None if value is None else parse_duration(value)
+def _wait_or_none(value: object) -> timedelta | None:
+    return None if value is None else parse_duration(value, maximum=max_wait())
 
 
 @dataclass(frozen=True)
@@ -100,14 +168,14 @@ class SettingSpec:
 
 
 SETTINGS: tuple[SettingSpec, ...] = (
-    SettingSpec("POLL_INTERVAL", "00:05:00", _duration, "django_workitems.E002"),
+    SettingSpec("POLL_INTERVAL", "00:05:00", _poll_interval, "django_workitems.E002"),
     SettingSpec("WORKERS", 4, _positive_int, "django_workitems.E003"),
     SettingSpec("QUEUE_SIZE", 100, _positive_int, "django_workitems.E004"),
-    SettingSpec("SHUTDOWN_TIMEOUT", "00:00:30", _duration_or_zero, "django_workitems.E005"),
-    SettingSpec("LEASE_TIMEOUT", "00:01:00", _duration, "django_workitems.E006"),
+    SettingSpec("SHUTDOWN_TIMEOUT", "00:00:30", _wait_or_zero, "django_workitems.E005"),
+    SettingSpec("LEASE_TIMEOUT", "00:01:00", _lease_timeout, "django_workitems.E006"),
     SettingSpec("RUN_RETENTION", "30.00:00:00", _duration, "django_workitems.E007"),
-    SettingSpec("ITEM_TIMEOUT", "01:00:00", _duration_or_none, "django_workitems.E008"),
-    SettingSpec("FETCH_TIMEOUT", "00:05:00", _duration_or_none, "django_workitems.E009"),
+    SettingSpec("ITEM_TIMEOUT", "01:00:00", _wait_or_none, "django_workitems.E008"),
+    SettingSpec("FETCH_TIMEOUT", "00:05:00", _wait_or_none, "django_workitems.E009"),
     SettingSpec("ASYNC_CONCURRENCY", 100, _positive_int, "django_workitems.E010"),
 )
 _BY_KEY = {spec.key: spec for spec in SETTINGS}

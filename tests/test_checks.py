@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from io import StringIO
 
 import pytest
@@ -25,15 +26,32 @@ def _ours(messages):
         ("django_workitems.E002", "POLL_INTERVAL", "every minute"),
         ("django_workitems.E002", "POLL_INTERVAL", 0),
         ("django_workitems.E003", "WORKERS", 0),
-        ("django_workitems.E003", "WORKERS", "4"),
+        ("django_workitems.E003", "WORKERS", "0"),
         ("django_workitems.E004", "QUEUE_SIZE", -10),
         ("django_workitems.E004", "QUEUE_SIZE", True),
         ("django_workitems.E005", "SHUTDOWN_TIMEOUT", -1),
-        ("django_workitems.E005", "SHUTDOWN_TIMEOUT", "00:00"),
+        ("django_workitems.E005", "SHUTDOWN_TIMEOUT", "00:00:xx"),
         ("django_workitems.E006", "LEASE_TIMEOUT", "00:00:00"),
         ("django_workitems.E006", "LEASE_TIMEOUT", float("inf")),
         ("django_workitems.E007", "RUN_RETENTION", "thirty days"),
         ("django_workitems.E007", "RUN_RETENTION", float("nan")),
+        # bounds (SPEC section 3)
+        ("django_workitems.E002", "POLL_INTERVAL", 0.05),
+        ("django_workitems.E002", "POLL_INTERVAL", "PT0.01S"),
+        ("django_workitems.E003", "WORKERS", "-2"),
+        ("django_workitems.E003", "WORKERS", "4.5"),
+        ("django_workitems.E004", "QUEUE_SIZE", "0"),
+        ("django_workitems.E005", "SHUTDOWN_TIMEOUT", "3000000.00:00:00"),
+        ("django_workitems.E006", "LEASE_TIMEOUT", 0.5),
+        ("django_workitems.E006", "LEASE_TIMEOUT", "1.00:00:01"),
+        ("django_workitems.E006", "LEASE_TIMEOUT", "3000000.00:00:00"),
+        ("django_workitems.E007", "RUN_RETENTION", "3000000.00:00:00"),
+        ("django_workitems.E007", "RUN_RETENTION", "P3000000D"),
+        ("django_workitems.E007", "RUN_RETENTION", timedelta(days=3_000_000)),
+        ("django_workitems.E008", "ITEM_TIMEOUT", "3000000 00:00:00"),
+        ("django_workitems.E009", "FETCH_TIMEOUT", 0),
+        ("django_workitems.E010", "ASYNC_CONCURRENCY", "0"),
+        ("django_workitems.E010", "ASYNC_CONCURRENCY", "many"),
     ],
 )
 def test_bad_value_is_an_error_naming_key_and_value(check_id, key, value):
@@ -74,6 +92,42 @@ def test_w001_unknown_key():
     assert message.id == "django_workitems.W001"
     assert "'WORKER'" in message.msg
     assert "WORKERS" in message.hint  # lists the known keys, so the typo is obvious
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("POLL_INTERVAL", "PT5M"),
+        ("POLL_INTERVAL", "0.1"),
+        ("WORKERS", "4"),
+        ("QUEUE_SIZE", "100"),
+        ("ASYNC_CONCURRENCY", "100"),
+        ("LEASE_TIMEOUT", "P1D"),
+        ("LEASE_TIMEOUT", "1"),
+        ("RUN_RETENTION", "3 00:00:00"),
+        ("RUN_RETENTION", "P3D"),
+        ("RUN_RETENTION", "2592000"),
+        ("ITEM_TIMEOUT", None),
+        ("FETCH_TIMEOUT", timedelta(minutes=5)),
+    ],
+)
+def test_accepted_forms_pass_the_check(key, value):
+    with override_settings(WORKITEMS={key: value}):
+        assert check_settings() == []
+
+
+def test_manage_py_check_refuses_a_huge_retention_naming_key_and_value():
+    out, err = StringIO(), StringIO()
+    with (
+        override_settings(WORKITEMS={"RUN_RETENTION": "3000000.00:00:00"}),
+        pytest.raises(SystemCheckError) as info,
+    ):
+        call_command("check", stdout=out, stderr=err)
+    text = str(info.value)
+    assert "django_workitems.E007" in text
+    assert "RUN_RETENTION" in text
+    assert "'3000000.00:00:00'" in text
+    assert "too large" in text
 
 
 def test_shutdown_timeout_zero_is_fine():

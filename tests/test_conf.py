@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import math
+import threading
 from datetime import timedelta
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
+from django.utils import timezone
 
 from django_workitems import ConfigurationError
-from django_workitems.conf import SETTINGS, SettingProblem, app_settings, parse_duration
+from django_workitems.conf import (
+    SETTINGS,
+    SettingProblem,
+    app_settings,
+    max_date_offset,
+    max_wait,
+    parse_duration,
+)
 
 # -- parse_duration: accepted values ---------------------------------------------------------
 
@@ -36,6 +45,18 @@ from django_workitems.conf import SETTINGS, SettingProblem, app_settings, parse_
         (1.25, timedelta(seconds=1.25)),
         (timedelta(hours=3), timedelta(hours=3)),
         (timedelta(microseconds=1), timedelta(microseconds=1)),
+        # anything django.utils.dateparse.parse_duration reads
+        ("3 00:00:00", timedelta(days=3)),
+        ("1 day, 0:00:00", timedelta(days=1)),
+        ("2 days 01:00:00", timedelta(days=2, hours=1)),
+        ("3 days", timedelta(days=3)),
+        ("P3D", timedelta(days=3)),
+        ("PT5M", timedelta(minutes=5)),
+        ("P1DT2H", timedelta(days=1, hours=2)),
+        ("PT0.5S", timedelta(milliseconds=500)),
+        ("00:05", timedelta(seconds=5)),
+        ("00:60:00", timedelta(hours=1)),
+        ("00:00:60", timedelta(minutes=1)),
     ],
 )
 def test_parse_duration_accepts(value, expected):
@@ -64,16 +85,16 @@ def test_parse_duration_days_are_days_not_hours():
         "abc",
         "5m",
         "1h",
-        "00:05",
-        "00:60:00",  # minutes past 59
-        "00:00:60",  # seconds past 59
         "00:05:00:00",
         "-00:05:00",
         "-5",
+        "-P3D",
+        "P",
+        "PT",
+        "5 minutes",
         "1e3",
         "5.",
         ".5",
-        "1 day, 0:00:00",
         "00:05:00\nrm -rf",
         "nan",
         "inf",
@@ -81,6 +102,8 @@ def test_parse_duration_days_are_days_not_hours():
         "-inf",
         "\u0661\u0662",  # Arabic-Indic digits: only ASCII digits are a number here
         "\u0660\u0660:\u0660\u0665:\u0660\u0660",
+        "\u0661 00:00:00",  # Django's patterns alone would read these digits
+        "P\u0663D",
         None,
         [],
         {},
@@ -224,7 +247,8 @@ def test_app_settings_follows_the_settings_fixture(settings):
         ("POLL_INTERVAL", "poll_interval", 0),
         ("WORKERS", "workers", 0),
         ("WORKERS", "workers", -1),
-        ("WORKERS", "workers", "4"),
+        ("WORKERS", "workers", "four"),
+        ("WORKERS", "workers", "4.0"),
         ("WORKERS", "workers", True),
         ("WORKERS", "workers", 2.0),
         ("QUEUE_SIZE", "queue_size", 0),
@@ -315,3 +339,174 @@ def test_problems_report_an_overflowing_duration_instead_of_crashing():
 def test_setting_problem_str_names_key_and_value():
     text = str(SettingProblem("django_workitems.E003", "WORKERS", "four", "must be an int >= 1"))
     assert text == "settings.WORKITEMS['WORKERS'] = 'four' is invalid: it must be an int >= 1"
+
+
+# -- accepted forms and bounds of each setting (SPEC section 3) ----------------------------------
+
+DURATION_SETTINGS = [
+    ("POLL_INTERVAL", "poll_interval"),
+    ("SHUTDOWN_TIMEOUT", "shutdown_timeout"),
+    ("LEASE_TIMEOUT", "lease_timeout"),
+    ("RUN_RETENTION", "run_retention"),
+    ("ITEM_TIMEOUT", "item_timeout"),
+    ("FETCH_TIMEOUT", "fetch_timeout"),
+]
+DURATION_FORMS = [
+    ("00:05:00", timedelta(minutes=5)),
+    ("0.00:05:00", timedelta(minutes=5)),
+    ("0 00:05:00", timedelta(minutes=5)),
+    ("PT5M", timedelta(minutes=5)),
+    ("P0DT300S", timedelta(minutes=5)),
+    (timedelta(minutes=5), timedelta(minutes=5)),
+    (300, timedelta(minutes=5)),
+    (300.0, timedelta(minutes=5)),
+    ("300", timedelta(minutes=5)),
+    (" 300.0 ", timedelta(minutes=5)),
+]
+
+
+@pytest.mark.parametrize(("key", "attribute"), DURATION_SETTINGS)
+@pytest.mark.parametrize(("value", "expected"), DURATION_FORMS)
+def test_every_duration_setting_accepts_every_form(key, attribute, value, expected):
+    with override_settings(WORKITEMS={key: value}):
+        assert getattr(app_settings, attribute) == expected
+        assert app_settings.problems() == []
+
+
+@pytest.mark.parametrize(
+    ("key", "attribute", "value", "expected"),
+    [
+        ("RUN_RETENTION", "run_retention", "P3D", timedelta(days=3)),
+        ("RUN_RETENTION", "run_retention", "3 00:00:00", timedelta(days=3)),
+        ("RUN_RETENTION", "run_retention", "3.00:00:00", timedelta(days=3)),
+        ("RUN_RETENTION", "run_retention", timedelta(days=365 * 100), timedelta(days=36500)),
+        ("POLL_INTERVAL", "poll_interval", "00:00:00.1", timedelta(milliseconds=100)),
+        ("POLL_INTERVAL", "poll_interval", 0.1, timedelta(milliseconds=100)),
+        ("POLL_INTERVAL", "poll_interval", "P1D", timedelta(days=1)),
+        ("LEASE_TIMEOUT", "lease_timeout", 1, timedelta(seconds=1)),
+        ("LEASE_TIMEOUT", "lease_timeout", "1.00:00:00", timedelta(days=1)),
+        ("LEASE_TIMEOUT", "lease_timeout", "P1D", timedelta(days=1)),
+        ("LEASE_TIMEOUT", "lease_timeout", "86400", timedelta(days=1)),
+        ("SHUTDOWN_TIMEOUT", "shutdown_timeout", "0", timedelta(0)),
+        ("SHUTDOWN_TIMEOUT", "shutdown_timeout", "PT0S", timedelta(0)),
+        ("ITEM_TIMEOUT", "item_timeout", None, None),
+        ("FETCH_TIMEOUT", "fetch_timeout", None, None),
+    ],
+)
+def test_duration_setting_at_its_bounds(key, attribute, value, expected):
+    with override_settings(WORKITEMS={key: value}):
+        assert getattr(app_settings, attribute) == expected
+        assert app_settings.problems() == []
+
+
+INTEGER_SETTINGS = [
+    ("WORKERS", "workers"),
+    ("QUEUE_SIZE", "queue_size"),
+    ("ASYNC_CONCURRENCY", "async_concurrency"),
+]
+
+
+@pytest.mark.parametrize(("key", "attribute"), INTEGER_SETTINGS)
+@pytest.mark.parametrize(
+    ("value", "expected"), [(1, 1), (100, 100), ("1", 1), ("100", 100), (" 100 ", 100), ("+7", 7)]
+)
+def test_integer_settings_accept_ints_and_numeric_strings(key, attribute, value, expected):
+    with override_settings(WORKITEMS={key: value}):
+        assert getattr(app_settings, attribute) == expected
+        assert app_settings.problems() == []
+
+
+@pytest.mark.parametrize(("key", "attribute"), INTEGER_SETTINGS)
+@pytest.mark.parametrize(
+    "value", [0, -1, "0", "-1", "", "1.5", "100.0", "1e2", "ten", "\u0661", 2.0, True, None]
+)
+def test_integer_settings_refuse(key, attribute, value):
+    with override_settings(WORKITEMS={key: value}):
+        [problem] = app_settings.problems()
+        assert problem.key == key
+        assert problem.value == value
+        with pytest.raises(ConfigurationError, match=key):
+            getattr(app_settings, attribute)
+
+
+HUGE = timedelta(days=3_000_000)
+
+
+@pytest.mark.parametrize(
+    ("key", "attribute", "value", "reason"),
+    [
+        ("LEASE_TIMEOUT", "lease_timeout", "00:00:00.999", "at least 1 seconds"),
+        ("LEASE_TIMEOUT", "lease_timeout", 0.5, "at least 1 seconds"),
+        ("LEASE_TIMEOUT", "lease_timeout", "1.00:00:01", "too large"),
+        ("LEASE_TIMEOUT", "lease_timeout", "P2D", "too large"),
+        ("LEASE_TIMEOUT", "lease_timeout", 86401, "too large"),
+        ("LEASE_TIMEOUT", "lease_timeout", "3000000.00:00:00", "too large"),
+        ("LEASE_TIMEOUT", "lease_timeout", HUGE, "too large"),
+        ("POLL_INTERVAL", "poll_interval", 0.09, "at least 0.1 seconds"),
+        ("POLL_INTERVAL", "poll_interval", "00:00:00.05", "at least 0.1 seconds"),
+        ("POLL_INTERVAL", "poll_interval", timedelta(microseconds=1), "at least 0.1 seconds"),
+        ("POLL_INTERVAL", "poll_interval", "PT0.01S", "at least 0.1 seconds"),
+        ("POLL_INTERVAL", "poll_interval", HUGE, "too large"),
+        ("RUN_RETENTION", "run_retention", "3000000.00:00:00", "too large"),
+        ("RUN_RETENTION", "run_retention", "3000000 00:00:00", "too large"),
+        ("RUN_RETENTION", "run_retention", "P3000000D", "too large"),
+        ("RUN_RETENTION", "run_retention", HUGE, "too large"),
+        ("RUN_RETENTION", "run_retention", 3_000_000 * 86400, "too large"),
+        ("RUN_RETENTION", "run_retention", "259200000000", "too large"),
+        ("RUN_RETENTION", "run_retention", timedelta.max, "too large"),
+        ("RUN_RETENTION", "run_retention", "P999999999999D", "too large"),
+        ("SHUTDOWN_TIMEOUT", "shutdown_timeout", HUGE, "too large"),
+        ("ITEM_TIMEOUT", "item_timeout", HUGE, "too large"),
+        ("FETCH_TIMEOUT", "fetch_timeout", HUGE, "too large"),
+        ("ITEM_TIMEOUT", "item_timeout", 0, "must be positive"),
+        ("FETCH_TIMEOUT", "fetch_timeout", "PT0S", "must be positive"),
+        ("RUN_RETENTION", "run_retention", "-P3D", "must be positive"),
+        ("SHUTDOWN_TIMEOUT", "shutdown_timeout", "-1 00:00:00", "must not be negative"),
+    ],
+)
+def test_duration_setting_out_of_bounds_is_refused(key, attribute, value, reason):
+    with override_settings(WORKITEMS={key: value}):
+        [problem] = app_settings.problems()
+        assert (problem.key, problem.value) == (key, value)
+        assert reason in problem.reason
+        with pytest.raises(ConfigurationError, match=key) as info:
+            getattr(app_settings, attribute)
+    assert repr(value) in str(info.value)
+
+
+def test_the_largest_run_retention_can_be_added_to_and_subtracted_from_now():
+    largest = max_date_offset()
+    with override_settings(WORKITEMS={"RUN_RETENTION": largest}):
+        assert app_settings.run_retention == largest
+    now = timezone.now()
+    assert now + largest > now > now - largest
+    assert timezone.localtime(now - largest) < now
+    with (
+        override_settings(WORKITEMS={"RUN_RETENTION": largest + timedelta(days=1)}),
+        pytest.raises(ConfigurationError, match="too large"),
+    ):
+        _ = app_settings.run_retention
+
+
+@pytest.mark.parametrize(
+    ("key", "attribute"),
+    [
+        ("POLL_INTERVAL", "poll_interval"),
+        ("SHUTDOWN_TIMEOUT", "shutdown_timeout"),
+        ("ITEM_TIMEOUT", "item_timeout"),
+        ("FETCH_TIMEOUT", "fetch_timeout"),
+    ],
+)
+def test_the_largest_accepted_wait_is_a_valid_thread_timeout_and_date_offset(key, attribute):
+    largest = max_wait()
+    with override_settings(WORKITEMS={key: largest}):
+        assert getattr(app_settings, attribute) == largest
+    lock = threading.Lock()
+    assert lock.acquire(timeout=largest.total_seconds())  # OverflowError past TIMEOUT_MAX
+    now = timezone.now()
+    assert now + largest > now > now - largest
+    with (
+        override_settings(WORKITEMS={key: largest + timedelta(seconds=1)}),
+        pytest.raises(ConfigurationError, match="too large"),
+    ):
+        getattr(app_settings, attribute)
