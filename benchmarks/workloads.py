@@ -870,13 +870,11 @@ def many_handlers(bench: Bench) -> list[Result]:
                 raise BenchError("the worker did not start")
             started = time.monotonic()
             all_served: float | None = None
-            while time.monotonic() - started < max(window, 120.0 if all_served is None else 0):
+            # Until every handler was served (at most 120 s) and the window is over.
+            while (elapsed := time.monotonic() - started) < (window if all_served else 120.0):
                 with lock:
-                    least = min(served.values())
-                if all_served is None and least >= 1:
-                    all_served = time.monotonic() - started
-                if all_served is not None and time.monotonic() - started >= window:
-                    break
+                    if all_served is None and min(served.values()) >= 1:
+                        all_served = elapsed
                 time.sleep(0.01)
             with lock:
                 counts = dict(served)

@@ -5,8 +5,8 @@ written only where the row still carries the claim's token. Everything that deci
 (availability, back-off, whether a claimer died) is computed on the database's clock.
 
 The per-process state of those claims lives in one :class:`ClaimBook`, owned by the processing
-service and handed to its threads (:data:`current_claims`); code outside a worker (``run_handler``,
-a test) gets a book of its own. A book holds:
+service, which hands it to each ``QuerySetHandler`` it creates (``handler.claims``); code outside
+a worker (``run_handler``, a test) shares a book of its own. A book holds:
 
 - the suspects: rows taken back from a dead worker and in process alone here;
 - when to look for dead workers' rows next, per model;
@@ -17,7 +17,6 @@ a test) gets a book of its own. A book holds:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -26,7 +25,6 @@ import uuid
 from abc import abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -118,30 +116,47 @@ class ClaimBook:
         """Write what the database did not confirm (for ``model``, or all); raise if it fails.
 
         Lost claims are undone first: rows still ``processing`` under such a token go back to
-        ``queued`` with the attempt not counted (nobody ever started them).
+        ``queued`` with the attempt not counted (nobody ever started them). The entries are
+        taken out under the lock, so two threads settling at once never write one twice;
+        what could not be written goes back for the next attempt.
         """
+
+        def mine(entry_model: type[WorkItemModel]) -> bool:
+            return model is None or entry_model is model
+
         with self._lock:
-            claims = [c for c in self._lost_claims if model is None or c[0] is model]
-            writes = [w for w in self._unsettled if model is None or w.model is model]
-        for claim_model, token in claims:
-            undone = claim_model._base_manager.filter(
-                claim_token=token, status=WorkItemModel.STATUS.processing
-            ).update(**_unclaimed())
-            with self._lock:
-                self._lost_claims.remove((claim_model, token))
-            if undone:
-                logger.warning(
-                    "%s: %d rows of a claim whose reply was lost put back in the queue",
-                    claim_model._meta.label,
-                    undone,
-                )
-        for write in writes:
-            write.model._base_manager.filter(write.fence).update(**write.changes)
-            with self._lock, contextlib.suppress(ValueError):  # dropped meanwhile
+            claims = [c for c in self._lost_claims if mine(c[0])]
+            self._lost_claims = [c for c in self._lost_claims if not mine(c[0])]
+            writes = [w for w in self._unsettled if mine(w.model)]
+            for write in writes:
                 self._unsettled.remove(write)
-            logger.info(
-                "%s: wrote %s after the database came back", write.model._meta.label, write.what
-            )
+        try:
+            while claims:
+                claim_model, token = claims[0]
+                undone = claim_model._base_manager.filter(
+                    claim_token=token, status=WorkItemModel.STATUS.processing
+                ).update(**_unclaimed())
+                claims.pop(0)
+                if undone:
+                    logger.warning(
+                        "%s: %d rows of a claim whose reply was lost put back in the queue",
+                        claim_model._meta.label,
+                        undone,
+                    )
+            while writes:
+                write = writes[0]
+                write.model._base_manager.filter(write.fence).update(**write.changes)
+                writes.pop(0)
+                logger.info(
+                    "%s: wrote %s after the database came back",
+                    write.model._meta.label,
+                    write.what,
+                )
+        finally:
+            if claims or writes:
+                with self._lock:
+                    self._lost_claims[:0] = claims
+                    self._unsettled.extendleft(reversed(writes))
 
 
 def _unclaimed() -> dict[str, Any]:
@@ -157,13 +172,11 @@ def _unclaimed() -> dict[str, Any]:
 
 
 _local_book = ClaimBook()
-current_claims: ContextVar[ClaimBook | None] = ContextVar("workitems_claims", default=None)
-"""The claim book of the processing service running the current thread (None outside one)."""
 
 
 def claim_book() -> ClaimBook:
-    """The current thread's book: its service's, or the one of code running outside a worker."""
-    return current_claims.get() or _local_book
+    """The book of claims made outside a processing service (which hands out its own)."""
+    return _local_book
 
 
 def reset_local_book() -> None:
@@ -203,7 +216,7 @@ class QuerySetHandler(WorkItemHandler[M]):
         self._last_flush = time.monotonic()
         self._suspect_tokens: set[uuid.UUID | None] = set()
         self.claims = claim_book()
-        """This process's claim state (set when the activation's handler is made)."""
+        """This process's claim state: the processing service sets its own on each activation."""
 
     @abstractmethod
     def handle(self, obj: M, cancel: CancellationToken) -> Awaitable[None] | None:

@@ -18,14 +18,13 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from django.db import DatabaseError
-from django.db.models import DateTimeField, ExpressionWrapper, Q
-from django.db.models.expressions import CombinedExpression
-from django.db.models.functions import Now
+from django.db.models import Q
 
 from . import hygiene, recording
-from .models import Handler
+from .models import Handler, db_now, db_now_plus
 
 logger = logging.getLogger("django_workitems.leases")
 
@@ -34,8 +33,8 @@ FENCE_MARGIN = 0.9
 """The fence closes a little before the database's expiry, for clocks that tick at other rates."""
 
 
-def _expiry(ttl: timedelta) -> ExpressionWrapper[CombinedExpression]:
-    return ExpressionWrapper(Now() + ttl, output_field=DateTimeField())
+def _expiry(ttl: timedelta) -> Any:
+    return db_now_plus(ttl)
 
 
 class Lease:
@@ -107,7 +106,7 @@ class LeaseKeeper:
             .filter(
                 Q(lease_owner="")
                 | Q(lease_expires_at__isnull=True)
-                | Q(lease_expires_at__lt=Now())
+                | Q(lease_expires_at__lt=db_now())
                 | Q(lease_owner=self.owner)
             )
             .update(lease_owner=self.owner, lease_expires_at=_expiry(self.ttl))

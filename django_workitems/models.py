@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 
+from django.conf import settings
 from django.db import connections, models, router, transaction
 from django.db.models import DateTimeField, ExpressionWrapper, F, OuterRef, Q, Subquery
 from django.db.models.functions import Now
@@ -21,14 +22,28 @@ from .status import RunStatus as RunStatus
 _W = TypeVar("_W", bound="WorkItemModel")
 
 
+class DatabaseNow(Now):
+    """``Now()`` at full precision on every backend.
+
+    Django's SQLite form keeps milliseconds only, so a row stamped a moment ago in Python (with
+    microseconds) would look a little in the future. SQLite runs inside this process, so its
+    clock is this process's clock: the current time, read from the system clock as SQLite
+    itself reads it, is passed as a parameter instead.
+    """
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra_context: Any) -> Any:
+        now = datetime.now(UTC) if settings.USE_TZ else datetime.now()
+        return "%s", (connection.ops.adapt_datetimefield_value(now),)
+
+
 def db_now() -> Now:
     """The database's clock: every time that decides liveness, claims and back-off."""
-    return Now()
+    return DatabaseNow()
 
 
 def db_now_plus(delta: timedelta) -> ExpressionWrapper[Any]:
     """The database's now plus ``delta`` (negative for the past)."""
-    return ExpressionWrapper(Now() + delta, output_field=DateTimeField())
+    return ExpressionWrapper(DatabaseNow() + delta, output_field=DateTimeField())
 
 
 class WorkerQuerySet(models.QuerySet["Worker"]):

@@ -49,7 +49,7 @@ from .activation import (
     safe_str,
 )
 from .channel import FairChannel
-from .claims import ClaimBook, QuerySetHandler, current_claims
+from .claims import ClaimBook, QuerySetHandler
 from .conf import app_settings
 from .exceptions import Cancelled, WorkItemsError
 from .handlers import CancellationToken, call_handler, current_worker_id
@@ -262,7 +262,6 @@ class FetchPool:
     def _run(self) -> None:
         me = threading.current_thread()
         current_worker_id.set(self._service.worker_id)
-        current_claims.set(self._service.claims)
         try:
             while True:
                 with self._lock:
@@ -685,7 +684,6 @@ class WorkItemProcessingService:
 
     def _pool_worker(self, slot: Slot) -> None:
         current_worker_id.set(self.worker_id)
-        current_claims.set(self.claims)
         try:
             while True:
                 found = self.channel.take(timeout=IDLE_AFTER)

@@ -18,13 +18,11 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, transaction
-from django.db.models import DateTimeField, ExpressionWrapper, F, Q
-from django.db.models.expressions import CombinedExpression
-from django.db.models.functions import Now
+from django.db.models import F, Q
 from django.utils import timezone
 
 from . import hygiene, wakeups
-from .models import Handler, HandlerRun, ItemFailure, RunStatus, Worker
+from .models import Handler, HandlerRun, ItemFailure, RunStatus, Worker, db_now, db_now_plus
 from .registry import Registration
 
 if TYPE_CHECKING:
@@ -102,8 +100,8 @@ def request_run(name: str, using: str = DEFAULT_DB_ALIAS) -> bool:
     return updated == 1
 
 
-def _db_now_minus(delta: timedelta) -> ExpressionWrapper[CombinedExpression]:
-    return ExpressionWrapper(Now() - delta, output_field=DateTimeField())
+def _db_now_minus(delta: timedelta) -> Any:
+    return db_now_plus(-delta)
 
 
 # Runs --------------------------------------------------------------------------------------
@@ -199,7 +197,7 @@ def mark_checked(handler_ids: Iterable[int]) -> None:
     """``Handler.last_checked_at`` = the database's now, for handlers just fetched."""
     ids = sorted(set(handler_ids))
     if ids:
-        Handler.objects.filter(pk__in=ids).update(last_checked_at=Now())
+        Handler.objects.filter(pk__in=ids).update(last_checked_at=db_now())
 
 
 # Workers -------------------------------------------------------------------------------
@@ -213,11 +211,11 @@ def register_worker() -> Worker:
 
 
 def heartbeat(worker_id: int) -> None:
-    Worker.objects.filter(pk=worker_id).update(last_heartbeat_at=Now())
+    Worker.objects.filter(pk=worker_id).update(last_heartbeat_at=db_now())
 
 
 def stop_worker(worker_id: int) -> None:
-    Worker.objects.filter(pk=worker_id).update(stopped_at=Now())
+    Worker.objects.filter(pk=worker_id).update(stopped_at=db_now())
 
 
 def dead_workers(lease_timeout: timedelta) -> Q:
