@@ -38,6 +38,16 @@ def _positive(value: str) -> int:
     return number
 
 
+def _port(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535, got {number}")
+    return number
+
+
 class Command(BaseCommand):
     help = (
         "Run the registered work item handlers until SIGTERM or SIGINT (one cycle with --once, "
@@ -87,6 +97,19 @@ class Command(BaseCommand):
             metavar="MB",
             help="Stop cleanly (exit 0) once resident memory passes MB megabytes.",
         )
+        parser.add_argument(
+            "--health-file",
+            metavar="PATH",
+            help="Touch PATH at least once a second while the loop runs (a liveness probe: "
+            "manage.py workitems_health --file PATH --max-age 60).",
+        )
+        parser.add_argument(
+            "--metrics-port",
+            type=_port,
+            metavar="PORT",
+            help="Serve this worker's Prometheus metrics on PORT "
+            "(needs the extra: pip install django-workitems[metrics]).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         self._check_configuration()
@@ -105,6 +128,8 @@ class Command(BaseCommand):
                 install_signal_handlers=True,
                 max_cycles=options["max_cycles"],
                 max_memory_mb=options["max_memory"],
+                health_file=options["health_file"],
+                metrics_port=options["metrics_port"],
             )
         except (UnknownHandlerError, ImproperlyConfigured) as exc:
             raise CommandError(str(exc), returncode=EXIT_USAGE) from exc
