@@ -32,19 +32,23 @@ from typing import Any
 from django.db import DatabaseError
 
 from . import health, hygiene, metrics, recording, wakeups
-from .activation import ActivationResult, CycleResult
+from .activation import Activation, ActivationResult, CycleResult
 from .conf import app_settings
 from .handlers import CancellationToken, Purpose
-from .models import Worker
+from .models import RunStatus, Worker
 from .processing import WorkItemProcessingService
 from .registry import HandlerRegistry, Registration
 from .registry import registry as default_registry
 from .scheduling import Scheduler
+from .slots import SlotKeeper, TakenSlot
 
 logger = logging.getLogger("django_workitems.background")
 
 REFRESH_INTERVAL = 1.0
 """Seconds between reads of the handler rows (enabled flags and run requests)."""
+
+SLOT_MARGIN = 0.002
+"""Seconds past a slot's time at which the watcher reads the rows to take it."""
 
 PROGRESS_INTERVAL = 5.0
 """Seconds between progress lines of ``runworkitems --drain``."""
@@ -98,12 +102,24 @@ class _States:
     states: dict[str, recording.HandlerState]
 
 
-class HandlerWatcher:
-    """A thread that reads the handler rows every second and posts them to the coordinator."""
+@dataclass(frozen=True)
+class _Slot:
+    slot: TakenSlot
 
-    def __init__(self, names: list[str], post: Any) -> None:
+
+_Event = _Request | _States | _Slot
+
+
+class HandlerWatcher:
+    """A thread that reads the handler rows every second and posts them to the coordinator.
+
+    It also takes the slots of scheduled handlers (``slots``), waking at each slot's time.
+    """
+
+    def __init__(self, names: list[str], post: Any, slots: SlotKeeper | None = None) -> None:
         self._names = names
         self._post = post
+        self._slots = slots
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="workitems-watcher", daemon=True)
 
@@ -118,8 +134,15 @@ class HandlerWatcher:
         failing = False
         try:
             while True:
+                wait = REFRESH_INTERVAL
                 try:
                     self._post(_States(recording.handler_states(self._names)))
+                    if self._slots:
+                        taken, until = self._slots.take()
+                        for slot in taken:
+                            self._post(_Slot(slot))
+                        if until is not None:
+                            wait = min(wait, until + SLOT_MARGIN)
                     if failing:
                         logger.warning("The handler rows can be read again")
                     failing = False
@@ -130,10 +153,23 @@ class HandlerWatcher:
                     hygiene.close_all()
                 finally:
                     hygiene.after_work(idle=False)
-                if self._stop.wait(REFRESH_INTERVAL):
+                if self._stop.wait(wait):
+                    self._last_flush()
                     return
         finally:
             hygiene.close_all()
+
+    def _last_flush(self) -> None:
+        """At stop: write which slots' activations ended (the others go to a live worker)."""
+        if self._slots:
+            try:
+                self._slots.flush()
+            except DatabaseError:
+                logger.warning(
+                    "Could not write which scheduled slots ended; live workers will run them "
+                    "again once this worker is seen stopped",
+                    exc_info=True,
+                )
 
 
 class BackgroundProcessingService:
@@ -168,7 +204,12 @@ class BackgroundProcessingService:
         self.exit_code = 0
         """0, or ``EXIT_RECYCLE`` when the worker stopped because too many threads hung."""
         self._waker: Waker | None = None
-        self._events: queue.SimpleQueue[_Request | _States] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[_Event] = queue.SimpleQueue()
+        self._slots: SlotKeeper | None = None
+        self._slot_pending: dict[str, TakenSlot] = {}
+        """Slots taken for a handler whose activation has not started yet."""
+        self._slot_runs: dict[int, TakenSlot] = {}
+        """Activations (by serial) started for a slot."""
         self._cycles = 0
         self._recycling = False
         self._stop_requested = False
@@ -213,11 +254,17 @@ class BackgroundProcessingService:
         return False
 
     def _take_over(self, names: list[str]) -> None:
-        """A dead worker's runs were abandoned: run its handlers here at once."""
-        for name in names:
-            self._post(_Request(name))
+        """A dead worker's runs were abandoned: run its handlers here at once.
 
-    def _post(self, event: _Request | _States) -> None:
+        Not the scheduled ones: their slot, if it did not end, is run again through the slot
+        keeper (once); a request here would run it a second time.
+        """
+        scheduled = {r.name for r in self.registrations if r.schedule is not None}
+        for name in names:
+            if name not in scheduled:
+                self._post(_Request(name))
+
+    def _post(self, event: _Event) -> None:
         self._events.put(event)
         self._wake()
 
@@ -255,7 +302,12 @@ class BackgroundProcessingService:
             recording.abandon_runs_of_dead_workers(lease_timeout)
             service.start()
             if listen:
-                watcher = HandlerWatcher([r.name for r in self.registrations], self._post)
+                self._slots = SlotKeeper(
+                    self.registrations, worker_id=self.worker.pk, lease_timeout=lease_timeout
+                )
+                watcher = HandlerWatcher(
+                    [r.name for r in self.registrations], self._post, self._slots
+                )
                 watcher.start()
             self._started.set()
             logger.info(
@@ -319,6 +371,7 @@ class BackgroundProcessingService:
                     )
                 for activation in step.finished:
                     scheduler.finished(activation.name)
+                    self._slot_ended(activation)
                 if now >= next_memory_check:
                     next_memory_check = now + REFRESH_INTERVAL
                     self._check_memory()
@@ -367,6 +420,9 @@ class BackgroundProcessingService:
                 return states
             if isinstance(event, _Request):
                 scheduler.request(event.name)
+            elif isinstance(event, _Slot):
+                scheduler.request(event.slot.name)
+                self._slot_pending[event.slot.name] = event.slot
             else:
                 states = event.states
                 scheduler.set_enabled({n: s.is_enabled for n, s in states.items()})
@@ -385,10 +441,25 @@ class BackgroundProcessingService:
             state = states.get(reg.name)
             if state is None:
                 continue
-            if service.activate(reg, handler_id=state.handler_id) is not None:
+            activation = service.activate(reg, handler_id=state.handler_id)
+            if activation is not None:
                 scheduler.activated(reg.name, now)
                 started = True
+                slot = self._slot_pending.pop(reg.name, None)
+                if slot is not None:
+                    self._slot_runs[activation.serial] = slot
         return started
+
+    def _slot_ended(self, activation: Activation) -> None:
+        """An activation ended: if it ran a slot, tell the slot keeper how it went."""
+        slot = self._slot_runs.pop(activation.serial, None)
+        if slot is None or self._slots is None:
+            return
+        result = activation.result()
+        if result.status == RunStatus.CANCELLED or self._stop_requested:
+            return  # cut short: a live worker runs the slot again once this one has stopped
+        # Skipped (another process held the lease): the slot is tried again here.
+        self._slots.ended(slot.name, ran=not result.skipped)
 
     # -- one cycle, and cycles until drained ------------------------------------------------
 

@@ -17,6 +17,7 @@ from model_utils.fields import StatusField
 from model_utils.models import TimeStampedModel
 
 from .handlers import Purpose
+from .schedules import SCHEDULE_MAX_LENGTH
 from .status import RunStatus as RunStatus
 
 _W = TypeVar("_W", bound="WorkItemModel")
@@ -133,6 +134,27 @@ class Handler(TimeStampedModel):
         null=True,
         blank=True,
         help_text=_("Scheduled handlers: the next cron slot no worker has taken yet."),
+    )
+    schedule = models.CharField(
+        _("schedule"),
+        max_length=SCHEDULE_MAX_LENGTH,
+        blank=True,
+        help_text=_("The cron expression it is registered with (empty: a poll interval)."),
+    )
+    taken_slot_at = models.DateTimeField(
+        _("last slot taken"), null=True, blank=True, help_text=_("The newest slot a worker took.")
+    )
+    slot_taken_by = models.ForeignKey(
+        "Worker",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("slot taken by"),
+        help_text=_(
+            "The worker running the newest slot until that activation ended; another worker "
+            "runs the slot again if this one dies first."
+        ),
     )
     # All-time figures, added to as runs progress and finish, so they survive run pruning.
     total_runs = models.PositiveBigIntegerField(

@@ -44,6 +44,7 @@ def sync_handlers(registrations: Iterable[Registration]) -> dict[str, Handler]:
                 purpose=r.purpose,
                 max_items_per_cycle=r.max_items_per_cycle,
                 handler_class=r.handler_class,
+                schedule=r.schedule or "",
             )
             for r in wanted.values()
         ],
@@ -53,15 +54,34 @@ def sync_handlers(registrations: Iterable[Registration]) -> dict[str, Handler]:
     changed = []
     for name, row in rows.items():
         r = wanted[name]
-        fresh = (r.purpose.value, r.max_items_per_cycle, r.handler_class, True)
-        if (row.purpose, row.max_items_per_cycle, row.handler_class, row.is_registered) != fresh:
-            row.purpose, row.max_items_per_cycle, row.handler_class, row.is_registered = fresh
+        schedule = r.schedule or ""
+        fresh = (r.purpose.value, r.max_items_per_cycle, r.handler_class, True, schedule)
+        current = (
+            row.purpose,
+            row.max_items_per_cycle,
+            row.handler_class,
+            row.is_registered,
+            row.schedule,
+        )
+        if current != fresh:
+            if row.schedule != schedule:
+                row.next_slot_at = None  # slots of the new expression start from now
+            row.purpose, row.max_items_per_cycle, row.handler_class, row.is_registered = fresh[:4]
+            row.schedule = schedule
             row.modified = timezone.now()
             changed.append(row)
     if changed:
         Handler.objects.bulk_update(
             changed,
-            ["purpose", "max_items_per_cycle", "handler_class", "is_registered", "modified"],
+            [
+                "purpose",
+                "max_items_per_cycle",
+                "handler_class",
+                "is_registered",
+                "schedule",
+                "next_slot_at",
+                "modified",
+            ],
         )
     Handler.objects.exclude(name__in=wanted).filter(is_registered=True).update(
         is_registered=False, modified=timezone.now()

@@ -8,12 +8,13 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Self
 
 from .conf import app_settings, parse_duration
 from .exceptions import ConfigurationError, UnknownHandlerError
 from .handlers import Purpose, WorkItemHandler
+from .schedules import SCHEDULE_MAX_LENGTH, CronSchedule, ScheduleError
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,100}")  # used with fullmatch: no "\n" past $
 
@@ -58,6 +59,17 @@ class Registration:
         if self.fetch_timeout is not None:
             return self.fetch_timeout
         return app_settings.fetch_timeout
+
+    def cron(self) -> CronSchedule | None:
+        """The parsed ``schedule`` (None for an interval handler)."""
+        return CronSchedule(self.schedule) if self.schedule is not None else None
+
+    def catch_up(self, slot: datetime) -> timedelta:
+        """How old a missed ``slot`` may be and still run: ``schedule_catch_up`` or a period."""
+        if self.schedule_catch_up is not None:
+            return self.schedule_catch_up
+        cron = self.cron()
+        return cron.period(slot) if cron is not None else timedelta(0)
 
     def create_handler(self) -> WorkItemHandler[Any]:
         """A fresh handler instance for one activation."""
@@ -249,9 +261,31 @@ class HandlerRegistry:
                     raise ConfigurationError(
                         f"Handler {name!r}: {option} {value!r} {exc}."
                     ) from None
-        if schedule is not None and not isinstance(schedule, str):
+        if schedule is not None:
+            if not isinstance(schedule, str):
+                raise ConfigurationError(
+                    f"Handler {name!r}: schedule must be a cron expression string, "
+                    f"got {schedule!r}."
+                )
+            if len(schedule) > SCHEDULE_MAX_LENGTH:
+                raise ConfigurationError(
+                    f"Handler {name!r}: schedule {schedule[:40]!r}... is longer than "
+                    f"{SCHEDULE_MAX_LENGTH} characters."
+                )
+            try:
+                schedule = CronSchedule.parse(schedule).expression
+            except ScheduleError as exc:
+                raise ConfigurationError(
+                    f"Handler {name!r}: schedule {schedule!r} {exc}."
+                ) from None
+            if interval is not None:
+                raise ConfigurationError(
+                    f"Handler {name!r}: give a schedule ({schedule!r}) or a poll_interval "
+                    f"({poll_interval!r}), not both."
+                )
+        elif timeouts["schedule_catch_up"] is not None:
             raise ConfigurationError(
-                f"Handler {name!r}: schedule must be a cron expression string, got {schedule!r}."
+                f"Handler {name!r}: schedule_catch_up {schedule_catch_up!r} needs a schedule."
             )
         return Registration(
             name=name,

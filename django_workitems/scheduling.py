@@ -256,14 +256,6 @@ class Scheduler:
             if self._startable(t) and (t.requested or t.drain or self._timer_due(t, now))
         ]
 
-    def scheduled(self) -> list[Registration]:
-        """Handlers with a ``schedule`` that could start an activation now (for slot taking)."""
-        return [
-            t.registration
-            for t in self._timers.values()
-            if t.registration.schedule is not None and self._startable(t) and not t.requested
-        ]
-
     def seconds_until_due(self, now: float) -> float | None:
         """Time until the next handler that waits on its timer (None when none does)."""
         waits = [

@@ -112,7 +112,9 @@ T0 = 1000.0
 INTERVAL = 60.0
 
 
-def registration(name, *, max_items=10, exclusive=True, poll_interval=None, max_concurrency=None):
+def registration(
+    name, *, max_items=10, exclusive=True, poll_interval=None, max_concurrency=None, schedule=None
+):
     return Registration(
         name=name,
         factory=object,
@@ -121,6 +123,7 @@ def registration(name, *, max_items=10, exclusive=True, poll_interval=None, max_
         exclusive=exclusive,
         poll_interval=poll_interval,
         max_concurrency=max_concurrency,
+        schedule=schedule,
     )
 
 
@@ -187,6 +190,18 @@ def test_an_activation_that_did_not_drain_waits_for_the_interval():
     sched = scheduler(registration("a", exclusive=False))
     activation(sched, "a", start=T0, drained=False)
     assert due(sched, T0 + 1) == []
+
+
+def test_a_scheduled_handler_is_due_only_at_its_slots_and_drains_inside_one():
+    sched = scheduler(registration("nightly", schedule="0 3 * * *"), registration("a"))
+    assert due(sched, T0) == ["a"]  # due at start: interval handlers only
+    assert due(sched, T0 + 100 * INTERVAL) == ["a"]
+    sched.request("nightly")  # a slot was taken (or "run now")
+    assert sorted(due(sched, T0)) == ["a", "nightly"]
+    activation(sched, "nightly", start=T0, drained=True)  # a full batch: its source has more
+    assert "nightly" in due(sched, T0 + 1)
+    activation(sched, "nightly", start=T0 + 1, drained=False)  # the source is empty
+    assert "nightly" not in due(sched, T0 + 100 * INTERVAL)  # waits for the next slot
 
 
 def test_a_failed_fetch_waits_an_interval_from_the_failure_and_never_drains():

@@ -18,6 +18,7 @@ class TestAppConfig(AppConfig):
             JobHandler,
             QueueJobHandler,
             QueueTaskHandler,
+            ScheduledHandler,
             SlowJobHandler,
             TaskHandler,
         )
@@ -30,6 +31,14 @@ class TestAppConfig(AppConfig):
         ).add_handler(BrokenFetchHandler, name="broken-fetch", purpose="ingestion").add_handler(
             TaskHandler, name="tasks", max_items_per_cycle=20
         ).add_handler(ExclusiveJobHandler, name="exclusive-jobs", max_items_per_cycle=5)
+        # WORKITEMS_TEST_SCHEDULE="cron expression" registers "scheduled" (the schedule tests).
+        if schedule := os.environ.get("WORKITEMS_TEST_SCHEDULE"):
+            workitems.add_handler(
+                ScheduledHandler,
+                name="scheduled",
+                schedule=schedule,
+                schedule_catch_up=os.environ.get("WORKITEMS_TEST_SCHEDULE_CATCH_UP"),
+            )
         # WORKITEMS_TEST_MANY_HANDLERS=N registers N more: even ones exclusive on Job rows of
         # their queue, odd ones claiming Task rows (the fairness tests with real workers).
         for i in range(int(os.environ.get("WORKITEMS_TEST_MANY_HANDLERS", "0"))):

@@ -103,3 +103,16 @@ class QueueTaskHandler(workitems.QuerySetHandler[Task]):
         ProcessLog.objects.create(task_id=obj.pk, pid=os.getpid())
         if obj.seconds and cancel.wait(obj.seconds):
             raise workitems.Cancelled()
+
+
+class ScheduledHandler(workitems.WorkItemHandler[str]):
+    """One item per activation, logged in ``ProcessLog`` (task_id 0) by the process that ran it;
+    it takes ``WORKITEMS_TEST_SCHEDULE_SECONDS`` (so a test can kill a worker mid-slot)."""
+
+    def fetch_next(self, max_items: int, cancel: workitems.CancellationToken) -> list[str]:
+        return [f"slot-{time.time():.3f}"]
+
+    def process(self, item: str, cancel: workitems.CancellationToken) -> None:
+        ProcessLog.objects.create(task_id=0, pid=os.getpid())
+        if cancel.wait(float(os.environ.get("WORKITEMS_TEST_SCHEDULE_SECONDS", "0"))):
+            raise workitems.Cancelled()
