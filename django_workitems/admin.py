@@ -28,6 +28,8 @@ from .conf import app_settings
 from .exceptions import UnknownHandlerError
 from .health import handler_backlog
 from .models import Handler, HandlerQuerySet, HandlerRun, ItemFailure, RunStatus, Worker
+from .registry import Registration, registry
+from .schedules import local_text, next_due
 
 RECENT_RUNS = 20
 """How many of a handler's newest runs the success rate and the chart cover."""
@@ -195,6 +197,7 @@ class HandlerAdmin(HandlerAdminBase):
                 )
             },
         ),
+        (_("Timing and settings"), {"fields": ("timing", "next_due", "effective_settings")}),
         (
             _("Activity"),
             {
@@ -223,6 +226,9 @@ class HandlerAdmin(HandlerAdminBase):
         "is_registered",
         "handler_class",
         "max_items_per_cycle",
+        "timing",
+        "next_due",
+        "effective_settings",
         "last_run",
         "recent_success_rate",
         "recent_runs_large",
@@ -344,6 +350,71 @@ class HandlerAdmin(HandlerAdminBase):
             "{}",
             _("%(n)d waiting, the oldest since %(ago)s")
             % {"n": backlog.count, "ago": ago(backlog.oldest_waiting)},
+        )
+
+    @staticmethod
+    def _registration(obj: Handler) -> Registration | None:
+        try:
+            return registry.get(obj.name)
+        except UnknownHandlerError:
+            return None
+
+    @admin.display(description=_("runs"))
+    def timing(self, obj: Handler) -> SafeString:
+        registration = self._registration(obj)
+        if registration is None:
+            return format_html('<span class="workitems-muted">{}</span>', _("not registered"))
+        cron = registration.cron()
+        if cron is None:
+            return format_html(
+                "{}", _("every %(interval)s") % {"interval": registration.effective_poll_interval()}
+            )
+        return format_html(
+            "<code>{}</code> ({}, {})",
+            cron.expression,
+            cron.description,
+            _("time zone %(zone)s") % {"zone": timezone.get_current_timezone_name()},
+        )
+
+    @admin.display(description=_("next due"))
+    def next_due(self, obj: Handler) -> SafeString:
+        registration = self._registration(obj)
+        if registration is None:
+            return _NOTHING
+        due = next_due(
+            registration.schedule,
+            next_slot_at=obj.next_slot_at,
+            last_checked_at=obj.last_checked_at,
+            poll_interval=registration.effective_poll_interval(),
+        )
+        if due is None:
+            return format_html("{}", _("when a worker starts"))
+        text = format_html("{}", local_text(due))
+        if registration.schedule is not None and obj.taken_slot_at is not None:
+            text = format_html(
+                "{}; {}",
+                text,
+                _("last slot %(slot)s") % {"slot": local_text(obj.taken_slot_at)},
+            )
+        return text
+
+    @admin.display(description=_("settings"))
+    def effective_settings(self, obj: Handler) -> SafeString:
+        registration = self._registration(obj)
+        if registration is None:
+            return _NOTHING
+        never = _("never")
+        item_timeout = registration.effective_item_timeout()
+        fetch_timeout = registration.effective_fetch_timeout()
+        rows = [
+            (_("exclusive"), _("yes") if registration.exclusive else _("no")),
+            (_("max concurrency"), registration.max_concurrency or _("no limit")),
+            (_("item timeout"), item_timeout if item_timeout is not None else never),
+            (_("fetch timeout"), fetch_timeout if fetch_timeout is not None else never),
+        ]
+        return format_html(
+            '<dl class="workitems-settings">{}</dl>',
+            format_html_join("", "<dt>{}</dt><dd>{}</dd>", rows),
         )
 
     @admin.display(description=_("run history"))

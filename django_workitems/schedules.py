@@ -91,3 +91,29 @@ class CronSchedule:
 
     def __str__(self) -> str:
         return self.expression
+
+
+def local_text(moment: datetime) -> str:
+    """A time as people read it: in ``TIME_ZONE``, to the second, with its zone."""
+    return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def next_due(
+    schedule: str | None,
+    *,
+    next_slot_at: datetime | None,
+    last_checked_at: datetime | None,
+    poll_interval: timedelta,
+    now: datetime | None = None,
+) -> datetime | None:
+    """When a handler is next due: its next slot, or its last fetch plus its poll interval.
+
+    None for an interval handler no worker has fetched yet (it is due when one starts).
+    """
+    if schedule is not None:
+        if next_slot_at is not None:
+            return next_slot_at
+        return CronSchedule(schedule).next_after(now or timezone.now())
+    if last_checked_at is None:
+        return None
+    return last_checked_at + poll_interval

@@ -12,7 +12,7 @@ of each run).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 import graphene
@@ -29,6 +29,7 @@ from .handlers import Purpose
 from .health import Backlog, handler_backlog
 from .models import Handler, HandlerRun, ItemFailure
 from .registry import Registration, registry
+from .schedules import next_due
 from .status import RunStatus
 
 MAX_DEPTH = 6
@@ -187,12 +188,12 @@ class WorkItemHandlerType(DjangoObjectType):  # type: ignore[misc]
         registration = _registration(root)
         if registration is None:
             return None
-        if registration.schedule:
-            return root.next_slot_at
-        if root.last_checked_at is None:
-            return None
-        interval: timedelta = registration.effective_poll_interval()
-        return root.last_checked_at + interval
+        return next_due(
+            registration.schedule,
+            next_slot_at=root.next_slot_at,
+            last_checked_at=root.last_checked_at,
+            poll_interval=registration.effective_poll_interval(),
+        )
 
     @staticmethod
     def resolve_last_run(root: Handler, info: graphene.ResolveInfo) -> HandlerRun | None:

@@ -14,11 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.utils.timezone import localtime
-
 from .models import Handler, Worker, db_now
 from .registry import Registration
-from .schedules import CronSchedule
+from .schedules import CronSchedule, local_text
 
 logger = logging.getLogger("django_workitems.schedules")
 
@@ -145,9 +143,9 @@ class SlotKeeper:
                         "Handler %s: missed slot %s skipped (older than its catch-up of %s); "
                         "next slot %s",
                         name,
-                        _local(latest),
+                        local_text(latest),
                         catch_up,
-                        _local(following),
+                        local_text(following),
                         extra={"handler": name},
                     )
                 return None, following
@@ -162,8 +160,8 @@ class SlotKeeper:
                 logger.info(
                     "Handler %s: running missed slot %s once (slots since %s were missed)",
                     name,
-                    _local(latest),
-                    _local(next_slot),
+                    local_text(latest),
+                    local_text(next_slot),
                     extra={"handler": name},
                 )
             return TakenSlot(name, latest), following
@@ -178,14 +176,9 @@ class SlotKeeper:
                 "Handler %s: slot %s was taken by worker %s, which died before its "
                 "activation ended; running it here",
                 name,
-                _local(taken_slot),
+                local_text(taken_slot),
                 holder,
                 extra={"handler": name},
             )
             return TakenSlot(name, taken_slot, taken_over=True), next_slot
         return None, next_slot
-
-
-def _local(moment: datetime) -> str:
-    """A slot time as people read it: in ``TIME_ZONE``, with its zone."""
-    return localtime(moment).strftime("%Y-%m-%d %H:%M:%S %Z")

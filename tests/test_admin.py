@@ -493,3 +493,28 @@ def _row(page: str, text: str) -> str:
         if text in row:
             return row
     raise AssertionError(f"no row with {text!r}")
+
+
+def test_handler_page_shows_its_schedule_in_words_next_slot_and_settings(
+    admin_client, monkeypatch
+):
+    from tests.testapp.handlers import ScheduledHandler
+
+    nightly = (
+        type(registry)()
+        .add_handler(ScheduledHandler, name="nightly", schedule="0 3 * * *", max_concurrency=2)
+        .get("nightly")
+    )
+    monkeypatch.setitem(registry._registrations, "nightly", nightly)
+    rows = synced()
+    slot = timezone.now().replace(hour=3, minute=0, second=0, microsecond=0) + timedelta(days=1)
+    Handler.objects.filter(name="nightly").update(next_slot_at=slot)
+
+    page = admin_client.get(handler_url(rows["nightly"])).content.decode()
+    assert "<code>0 3 * * *</code> (At 03:00 every day, time zone UTC)" in page
+    assert f"{slot:%Y-%m-%d} 03:00:00 UTC" in page
+    assert "<dt>max concurrency</dt><dd>2</dd>" in page
+    assert "<dt>exclusive</dt><dd>yes</dd>" in page
+
+    interval = admin_client.get(handler_url(rows["jobs"])).content.decode()
+    assert "every 0:" in interval and "when a worker starts" in interval

@@ -295,3 +295,17 @@ def test_a_worker_killed_right_after_taking_a_slot_leaves_it_to_the_next_live_wo
     assert pids == [first.proc.pid, second.proc.pid]
     assert "which died before its activation ended" in second.output()
     assert os.getpid() not in pids
+
+
+@pytest.mark.django_db(transaction=True)
+def test_list_shows_the_schedule_in_words_and_the_next_slot_with_its_zone(start_worker):
+    worker = start_worker(
+        "--list", "--handler", "scheduled", "--handler", "jobs", WORKITEMS_TEST_SCHEDULE="0 3 * * *"
+    )
+    assert worker.wait() == 0, worker.output()
+    lines = {line.split()[0]: line for line in worker.output().splitlines()}
+    slot = CronSchedule("0 3 * * *").next_after(timezone.now())
+    zone = timezone.localtime(slot).strftime("%Z")
+    assert "0 3 * * * (At 03:00 every day)" in lines["scheduled"]
+    assert timezone.localtime(slot).strftime(f"%Y-%m-%d 03:00:00 {zone}") in lines["scheduled"]
+    assert "every 0:" in lines["jobs"] and "when a worker starts" in lines["jobs"]

@@ -447,3 +447,26 @@ def test_handler_fields_of_the_spec(gql, handlers):
         "lastCheckedAt } }"
     )
     assert all(isinstance(h["exclusive"], bool) for h in data["data"]["workItemHandlers"])
+
+
+def test_a_scheduled_handler_shows_its_expression_and_next_slot(gql, handlers, monkeypatch):
+    from tests.testapp.handlers import ScheduledHandler
+
+    nightly = (
+        type(registry)()
+        .add_handler(ScheduledHandler, name="nightly", schedule="0 3 * * *")
+        .get("nightly")
+    )
+    monkeypatch.setitem(registry._registrations, "nightly", nightly)
+    sync_handlers(registry)
+    slot = timezone.now().replace(hour=3, minute=0, second=0, microsecond=0) + timedelta(days=1)
+    Handler.objects.filter(name="nightly").update(next_slot_at=slot)
+    query = '{ workItemHandler(name: "%s") { schedule pollIntervalSeconds nextDueAt } }'
+    data = gql(query % "nightly")["data"]["workItemHandler"]
+    assert data == {
+        "schedule": "0 3 * * *",
+        "pollIntervalSeconds": None,
+        "nextDueAt": slot.isoformat(),
+    }
+    interval = gql(query % "jobs")["data"]["workItemHandler"]
+    assert interval["schedule"] is None and interval["pollIntervalSeconds"] > 0
