@@ -56,8 +56,11 @@ class CronSchedule:
                 f"has {len(fields)} fields; use five (minute hour day month weekday) or six "
                 "(seconds first)"
             )
+        if len(fields) == 6 and fields[0] == "0":
+            # The same slots as five fields, and five fields get cron's daylight-saving rules.
+            fields = fields[1:]
         try:
-            CronSim(expression, timezone.now())
+            CronSim(" ".join(fields), timezone.now())
         except CronSimError as exc:
             raise ScheduleError(f"is not a cron expression cronsim reads: {exc}") from None
         return cls(" ".join(fields))

@@ -57,6 +57,17 @@ def test_a_daily_slot_is_neither_skipped_nor_doubled_when_the_clocks_go_back():
 
 
 @override_settings(TIME_ZONE="Europe/Berlin")
+def test_six_fields_with_seconds_0_keep_the_daylight_saving_rules():
+    assert CronSchedule.parse("0 30 2 * * *").expression == "30 2 * * *"
+    for start in (
+        datetime(2026, 3, 27, 12, tzinfo=BERLIN),
+        datetime(2026, 10, 23, 12, tzinfo=BERLIN),
+    ):
+        days = [s.astimezone(BERLIN).day for s in _slots("0 30 2 * * *", start, 4)]
+        assert days == [start.day + 1 + i for i in range(4)]
+
+
+@override_settings(TIME_ZONE="Europe/Berlin")
 def test_slots_are_evaluated_in_time_zone():
     cron = CronSchedule.parse("0 3 * * *")
     after = cron.next_after(datetime(2026, 7, 1, 0, 0, tzinfo=UTC))
@@ -232,9 +243,7 @@ def _runs_by_slot(period: float) -> dict[int, int]:
 def test_three_workers_run_a_two_second_schedule_once_per_slot(start_worker):
     env = {"WORKITEMS_TEST_SCHEDULE": "*/2 * * * * *"}
     workers = [start_worker("--handler", "scheduled", **env) for _ in range(3)]
-    wait_for(
-        lambda: all("started" in w.output() for w in workers), timeout=60, message="3 workers"
-    )
+    wait_for(lambda: all("started" in w.output() for w in workers), timeout=60, message="3 workers")
     wait_for(lambda: ProcessLog.objects.exists(), timeout=30, message="a first slot")
     start = time.time()
     wait_for(lambda: time.time() >= start + 11.5, timeout=30, message="11 seconds")

@@ -31,5 +31,5 @@ class CatalogConfig(AppConfig):
             name=handlers.PURGE_HANDLER,
             max_items_per_cycle=100,
             purpose=workitems.Purpose.INTERNAL,
-            poll_interval="01:00:00",
+            schedule="0 3 * * *",  # nightly at 03:00 (TIME_ZONE), once across all workers
         )
