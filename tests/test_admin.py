@@ -495,9 +495,7 @@ def _row(page: str, text: str) -> str:
     raise AssertionError(f"no row with {text!r}")
 
 
-def test_handler_page_shows_its_schedule_in_words_next_slot_and_settings(
-    admin_client, monkeypatch
-):
+def test_handler_page_shows_its_schedule_in_words_next_slot_and_settings(admin_client, monkeypatch):
     from tests.testapp.handlers import ScheduledHandler
 
     nightly = (
