@@ -159,18 +159,37 @@ def test_the_command_exit_status_for_an_orchestrator(worker_env):
 # The view --------------------------------------------------------------------------------
 
 
-def test_the_view_gives_anyone_the_status_but_no_detail(client):
+def test_the_view_tells_anyone_only_whether_it_is_healthy(client):
+    WorkerFactory(hostname="secret-host", pid=9840, stopped_at=timezone.now())
+    assert "secret-host" in check_health(detail=False).reason  # what must not leak
+
     response = client.get("/health/")
     assert response.status_code == 503
-    body = response.json()
-    assert body["status"] == "unhealthy" and body["workers_alive"] == 0
-    assert "workers" not in body and "handlers" not in body
+    assert response.json() == {"healthy": False}
+    assert b"secret-host" not in response.content and b"9840" not in response.content
     assert "no-cache" in response["Cache-Control"]
 
-    WorkerFactory(hostname="secret-host")
+    WorkerFactory(hostname="secret-host", pid=9841)
     response = client.get("/health/")
     assert response.status_code == 200
-    assert response.json()["status"] == "ok" and b"secret-host" not in response.content
+    assert response.json() == {"healthy": True}
+
+
+def test_a_user_who_is_not_staff_is_anonymous_to_the_view(client, django_user_model):
+    user = django_user_model.objects.create_user("visitor", password="pw")  # noqa: S106
+    client.force_login(user)
+    WorkerFactory(hostname="secret-host", stopped_at=timezone.now())
+    response = client.get("/health/")
+    assert (response.status_code, response.json()) == (503, {"healthy": False})
+
+
+def test_the_view_gives_staff_the_reason_naming_host_and_pid(admin_client):
+    worker = WorkerFactory(hostname="box-9", pid=9840, stopped_at=timezone.now())
+    response = admin_client.get("/health/")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unhealthy" and f"the last one, {worker}, stopped" in body["reason"]
+    assert "box-9" in body["reason"]
 
 
 def test_the_view_gives_staff_the_same_json_as_the_command(admin_client):
@@ -186,7 +205,7 @@ def test_the_view_gives_staff_the_same_json_as_the_command(admin_client):
     assert [h["name"] for h in body["handlers"]] == [h["name"] for h in command["handlers"]]
 
 
-def test_the_view_refuses_writes_and_survives_a_database_error(client, monkeypatch):
+def test_the_view_refuses_writes_and_survives_a_database_error(client, admin_client, monkeypatch):
     assert client.post("/health/").status_code == 405
 
     def down(**kwargs):
@@ -194,6 +213,8 @@ def test_the_view_refuses_writes_and_survives_a_database_error(client, monkeypat
 
     monkeypatch.setattr(health, "check_health", down)
     response = client.get("/health/")
+    assert (response.status_code, response.json()) == (503, {"healthy": False})
+    response = admin_client.get("/health/")
     assert response.status_code == 503
     assert response.json() == {"status": "unhealthy", "reason": "the database could not be read"}
 
