@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 import subprocess
 import sys
 from datetime import timedelta
@@ -10,8 +13,10 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import DatabaseError
+from django.db import DatabaseError, connection
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 import django_workitems as workitems
@@ -20,7 +25,7 @@ from django_workitems.health import check_health, handler_backlog
 from django_workitems.models import Handler, RunStatus
 from django_workitems.recording import sync_handlers
 from django_workitems.registry import registry as default_registry
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 from tests.factories import HandlerRunFactory, WorkerFactory
 from tests.testapp.models import Task
 
@@ -154,6 +159,234 @@ def test_the_command_exit_status_for_an_orchestrator(worker_env):
     up = run()
     assert up.returncode == 0, up.stderr
     assert up.stdout.startswith("healthy: 1 worker")
+
+
+# Liveness: the file a worker touches, checked without the database ------------------------
+
+
+def test_touch_creates_the_file_then_advances_its_mtime(tmp_path):
+    path = tmp_path / "alive"
+    health.touch_liveness_file(str(path))
+    assert path.exists()
+    os.utime(path, (1_000_000, 1_000_000))  # as if touched long ago
+    health.touch_liveness_file(str(path))
+    assert path.stat().st_mtime > 1_000_000
+    assert health.liveness_file_age(str(path)) < 60
+
+
+def test_touch_never_raises_and_warns_once_about_an_unwritable_path(tmp_path, caplog):
+    path = str(tmp_path / "no-such-dir" / "alive")
+    with caplog.at_level(logging.WARNING, logger="django_workitems.health"):
+        for _ in range(3):
+            health.touch_liveness_file(path)
+    warnings = [r for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert len(warnings) == 1 and path in warnings[0].getMessage()
+    health.touch_liveness_file("bad\0path")  # ValueError from the OS layer: swallowed too
+
+    (tmp_path / "no-such-dir").mkdir()  # it recovers: a later failure warns again
+    health.touch_liveness_file(path)
+    assert os.path.exists(path)
+    (tmp_path / "no-such-dir" / "alive").unlink()
+    (tmp_path / "no-such-dir").rmdir()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="django_workitems.health"):
+        health.touch_liveness_file(path)
+    assert len([r for r in caplog.records if "cannot be written" in r.getMessage()]) == 1
+
+
+@pytest.fixture
+def no_database(monkeypatch):
+    """Any attempt to use a database connection fails the test."""
+
+    def refuse(self):
+        raise AssertionError(f"the database {self.alias!r} was used")
+
+    monkeypatch.setattr(BaseDatabaseWrapper, "ensure_connection", refuse)
+
+
+def test_file_check_passes_on_a_fresh_file_without_the_database(tmp_path, no_database):
+    path = tmp_path / "alive"
+    path.touch()
+    out, failure = health_command("--file", str(path))
+    assert failure is None, failure
+    assert out.startswith(f"healthy: {path} was touched ") and out.strip().endswith("s ago")
+
+
+def test_file_check_fails_on_a_stale_file_naming_path_and_age(tmp_path, no_database):
+    path = tmp_path / "alive"
+    path.touch()
+    old = path.stat().st_mtime - 120
+    os.utime(path, (old, old))
+    out, failure = health_command("--file", str(path), "--max-age", "60")
+    assert failure is not None and out == ""
+    message = str(failure)
+    assert message.startswith(f"unhealthy: {path} was last touched 1")  # 120.x s
+    assert "s ago, more than --max-age 60s" in message
+    _, failure = health_command("--file", str(path))  # the default max age is 60 too
+    assert failure is not None
+    assert health_command("--file", str(path), "--max-age", "600")[1] is None
+
+
+def test_file_check_fails_when_the_file_does_not_exist(tmp_path, no_database):
+    path = tmp_path / "never"
+    _, failure = health_command("--file", str(path))
+    assert failure is not None
+    assert str(failure) == (
+        f"unhealthy: {path} does not exist (runworkitems --health-file {path} has not touched it)"
+    )
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "soon", "inf"])
+def test_max_age_must_be_a_positive_number(tmp_path, bad):
+    with pytest.raises(CommandError, match="max-age"):
+        call_command("workitems_health", "--file", str(tmp_path / "f"), "--max-age", bad)
+
+
+def run_health(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "django", "workitems_health", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_file_check_works_with_the_database_down(tmp_path, worker_env):
+    """A subprocess whose database is a closed port: --file passes, the other modes fail."""
+    path = tmp_path / "alive"
+    path.touch()
+    env = worker_env(DATABASE_URL="postgres://postgres@127.0.0.1:1/nowhere")
+    alive = run_health(env, "--file", str(path), "--max-age", "60")
+    assert alive.returncode == 0, alive.stderr
+    assert alive.stdout.startswith(f"healthy: {path} was touched")
+    # The control: this environment really has no database.
+    deployment = run_health(env)
+    assert deployment.returncode == 1
+    assert "the database could not be read" in deployment.stderr
+    ready = run_health(env, "--ready")
+    assert ready.returncode == 1 and "not ready: the database refused" in ready.stderr
+
+
+def process_state(pid: int) -> str:
+    """The state letter of ``pid`` in /proc (``T`` when stopped); ``T`` without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "T"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_real_worker_keeps_its_file_fresh_and_a_stopped_one_fails_the_probe(
+    tmp_path, start_worker, worker_env
+):
+    path = tmp_path / "alive"
+    env = worker_env()
+    worker = start_worker("--handler", "jobs", "--health-file", str(path))
+
+    wait_for(path.exists, timeout=60, message="the worker to create its health file")
+    first = path.stat().st_mtime_ns
+    wait_for(
+        lambda: path.stat().st_mtime_ns > first,
+        timeout=60,
+        message="the worker to refresh its health file",
+    )
+    alive = run_health(env, "--file", str(path), "--max-age", "60")
+    assert alive.returncode == 0, alive.stderr + worker.output()
+
+    worker.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: process_state(worker.proc.pid) == "T", message="the worker to stop")
+        frozen = path.stat().st_mtime_ns
+        stale = wait_for(
+            lambda: (
+                (r := run_health(env, "--file", str(path), "--max-age", "2")).returncode == 1 and r
+            ),
+            timeout=60,
+            message="the probe to fail on the stopped worker's file",
+        )
+        assert f"unhealthy: {path} was last touched" in stale.stderr
+        assert "more than --max-age 2s" in stale.stderr
+        assert path.stat().st_mtime_ns == frozen  # a stopped worker touched nothing
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
+
+    # Resumed, it touches the file again and the strict probe passes once more.
+    wait_for(
+        lambda: path.stat().st_mtime_ns > frozen,
+        timeout=60,
+        message="the resumed worker to touch its file",
+    )
+    assert run_health(env, "--file", str(path), "--max-age", "2").returncode == 0
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait(60) == 0, worker.output()
+
+
+# Readiness: the database takes the lease keeper's writes ----------------------------------
+
+
+def test_ready_when_the_database_takes_the_lease_keepers_writes():
+    handler = Handler.objects.create(name="held", lease_owner="other", lease_expires_at=None)
+    with CaptureQueriesContext(connection) as queries:
+        out, failure = health_command("--ready")
+    assert failure is None, failure
+    assert out.startswith(f"ready: the database ({connection.vendor}) takes")
+    updates = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
+    assert len(updates) == 2
+    assert Handler._meta.db_table in updates[0] and "lease_expires_at" in updates[0]
+    assert "last_heartbeat_at" in updates[1]
+    handler.refresh_from_db()
+    assert (handler.lease_owner, handler.lease_expires_at) == ("other", None)  # untouched
+
+
+@pytest.fixture
+def read_only_database():
+    """The database refuses writes, like a hot standby or a read-only replica."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "sqlite":
+            cursor.execute("PRAGMA query_only = ON")
+        else:
+            cursor.execute("SET transaction_read_only = on")  # until the test's rollback
+    try:
+        yield
+    finally:
+        if connection.vendor == "sqlite":
+            with connection.cursor() as cursor:
+                cursor.execute("PRAGMA query_only = OFF")
+
+
+def test_not_ready_when_the_database_refuses_writes(read_only_database):
+    assert check_health(detail=False).workers_alive == 0  # reads still work
+    _, failure = health_command("--ready")
+    assert failure is not None
+    message = str(failure)
+    assert message.startswith("not ready: the database refused the lease keeper's writes: ")
+    assert "read" in message.lower()  # "readonly database", "read-only transaction"
+
+
+def test_not_ready_when_the_database_raises(monkeypatch):
+    def down(*args, **kwargs):
+        raise DatabaseError("could not connect to server")
+
+    monkeypatch.setattr(Handler.objects, "filter", down)
+    _, failure = health_command("--ready")
+    assert failure is not None
+    assert str(failure) == (
+        "not ready: the database refused the lease keeper's writes: could not connect to server"
+    )
+
+
+@override_settings(WORKITEMS={"LEASE_TIMEOUT": "soon"})
+def test_not_ready_with_a_bad_lease_timeout():
+    _, failure = health_command("--ready")
+    assert failure is not None and "LEASE_TIMEOUT" in str(failure)
+
+
+def test_json_goes_with_neither_file_nor_ready(tmp_path):
+    _, failure = health_command("--ready", "--json")
+    assert failure is not None and "--json" in str(failure)
 
 
 # The view --------------------------------------------------------------------------------
