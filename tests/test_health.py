@@ -319,7 +319,11 @@ def test_a_real_worker_keeps_its_file_fresh_and_a_stopped_one_fails_the_probe(
         timeout=60,
         message="the resumed worker to touch its file",
     )
-    assert run_health(env, "--file", str(path), "--max-age", "2").returncode == 0
+    wait_for(
+        lambda: run_health(env, "--file", str(path), "--max-age", "2").returncode == 0,
+        timeout=60,
+        message="the probe to pass on the resumed worker's file",
+    )
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.wait(60) == 0, worker.output()
 
