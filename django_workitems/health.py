@@ -2,16 +2,27 @@
 
 Used by ``manage.py workitems_health``, by :func:`health_view` (mount it for an HTTP probe), and
 for the backlogs shown in the admin and GraphQL.
+
+Three questions, for three kinds of probe (see docs/probes.md):
+
+- *Is this process alive?* :func:`liveness_file_age` on the file that ``runworkitems
+  --health-file`` touches (:func:`touch_liveness_file`); no database involved.
+- *Can this process do its work?* :func:`check_ready`: the database takes the writes the lease
+  keeper makes.
+- *Is anything working, anywhere?* :func:`check_health`: a worker heartbeated within
+  ``LEASE_TIMEOUT``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DatabaseError
+from django.db import DatabaseError, connection, transaction
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
@@ -20,7 +31,7 @@ from django.views.decorators.http import require_safe
 from .conf import app_settings
 from .exceptions import UnknownHandlerError
 from .handlers import call_handler
-from .models import Handler, Worker
+from .models import Handler, Worker, db_now, db_now_plus
 from .registry import HandlerRegistry
 from .registry import registry as default_registry
 
@@ -91,8 +102,16 @@ class HealthReport:
     handlers: list[Handler] = field(default_factory=list)
     backlogs: dict[str, Backlog] = field(default_factory=dict)
 
+    def public(self) -> dict[str, Any]:
+        """The part anyone may see (the anonymous health view): healthy or not, nothing else."""
+        return {"healthy": self.healthy}
+
     def summary(self) -> dict[str, Any]:
-        """The part anyone may see: no host names, no handler names, no error messages."""
+        """Status, reason and count, for staff and the command.
+
+        Not for anonymous callers: the reason may name a host and pid ("the last one,
+        vm:9840, stopped 15s ago"). They get :meth:`public`.
+        """
         return {
             "status": "ok" if self.healthy else "unhealthy",
             "reason": self.reason,
@@ -152,11 +171,95 @@ def _seconds(value: timedelta) -> float:
     return round(value.total_seconds(), 3)
 
 
+_unwritable: set[str] = set()
+"""Liveness files whose last touch failed: warned about once, until a touch succeeds again."""
+
+
 def touch_liveness_file(path: str) -> None:
     """Mark this process alive for a probe that needs no database (``--health-file``).
 
-    (Implementation pending: the loop calls this at least once a second.)
+    Sets the file's mtime to now, creating it if missing: one system call in the usual case.
+    Never raises: a path that cannot be written logs a warning once (and once more if it
+    recovers and fails again), and the worker goes on; the liveness probe will then fail.
     """
+    try:
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+    except Exception as exc:
+        if path not in _unwritable:
+            _unwritable.add(path)
+            logger.warning(
+                "The liveness file %s cannot be written (%s: %s); a liveness probe on it will fail",
+                path,
+                type(exc).__name__,
+                exc,
+            )
+        return
+    if _unwritable:
+        _unwritable.discard(path)
+
+
+def liveness_file_age(path: str) -> float | None:
+    """Seconds since ``path`` was last touched (0 if its mtime is ahead); None if it is missing.
+
+    Reads the file system only: no database connection is opened.
+    """
+    try:
+        mtime = os.stat(path).st_mtime
+    except FileNotFoundError:
+        return None
+    return max(0.0, time.time() - mtime)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether this process could do its work now; ``reason`` says what was proved or failed."""
+
+    ready: bool
+    reason: str
+
+
+READY_PROBE_OWNER = "workitems_health --ready"
+"""Written into no row: the probe's UPDATEs match none (``pk=-1``)."""
+
+
+def check_ready(timeout: float = 5.0) -> Readiness:
+    """Is the database reachable and does it take the writes the lease keeper makes?
+
+    In one transaction that is always rolled back, runs the keeper's two statements against a
+    row that does not exist: the lease renewal (``UPDATE`` of ``Handler.lease_expires_at`` to
+    the database's ``now() + LEASE_TIMEOUT``) and the heartbeat (``UPDATE`` of
+    ``Worker.last_heartbeat_at``). Both match zero rows, so nothing changes, yet the database
+    must connect, find the tables and columns (migrations applied), grant UPDATE, accept
+    writes (a read-only replica, a hot standby or a ``query_only`` SQLite refuses them) and
+    evaluate its clock. On PostgreSQL, ``statement_timeout`` and ``lock_timeout`` of
+    ``timeout`` seconds bound the wait (a table locked by a migration is "not ready").
+
+    It does not prove that any particular lease is free or held: that is other workers' state,
+    not this process's readiness.
+    """
+    lease_timeout = app_settings.lease_timeout
+    try:
+        with transaction.atomic():
+            if connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    ms = max(1, int(timeout * 1000))
+                    cursor.execute(f"SET LOCAL statement_timeout = {ms}")
+                    cursor.execute(f"SET LOCAL lock_timeout = {ms}")
+            Handler.objects.filter(pk=-1, lease_owner=READY_PROBE_OWNER).update(
+                lease_expires_at=db_now_plus(lease_timeout)
+            )
+            Worker.objects.filter(pk=-1).update(last_heartbeat_at=db_now())
+            transaction.set_rollback(True)
+    except DatabaseError as exc:
+        return Readiness(False, f"the database refused the lease keeper's writes: {exc}".strip())
+    return Readiness(
+        True,
+        f"the database ({connection.vendor}) takes the lease keeper's writes "
+        "(lease renewal and heartbeat, rolled back)",
+    )
 
 
 def check_health(*, detail: bool = True, registry: HandlerRegistry | None = None) -> HealthReport:
@@ -213,7 +316,8 @@ def _why_no_worker(lease_timeout: timedelta, now: datetime) -> str:
 def health_view(request: HttpRequest) -> JsonResponse:
     """200 when a worker is alive, 503 otherwise; details only for active staff users.
 
-    Mount it where a load balancer or orchestrator can reach it::
+    Anyone else gets ``{"healthy": true}`` or ``{"healthy": false}``: no host, pid, count or
+    reason. Mount it where a load balancer or orchestrator can reach it::
 
         path("workitems/health/", django_workitems.health.health_view)
     """
@@ -223,8 +327,11 @@ def health_view(request: HttpRequest) -> JsonResponse:
         report = check_health(detail=staff)
     except DatabaseError:
         logger.exception("Health check: the database could not be read")
-        return JsonResponse(
-            {"status": "unhealthy", "reason": "the database could not be read"}, status=503
+        body: dict[str, Any] = (
+            {"status": "unhealthy", "reason": "the database could not be read"}
+            if staff
+            else {"healthy": False}
         )
-    body = report.as_dict() if staff else report.summary()
+        return JsonResponse(body, status=503)
+    body = report.as_dict() if staff else report.public()
     return JsonResponse(body, status=200 if report.healthy else 503)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 import subprocess
 import sys
 from datetime import timedelta
@@ -10,8 +13,10 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import DatabaseError
+from django.db import DatabaseError, connection
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 import django_workitems as workitems
@@ -20,7 +25,7 @@ from django_workitems.health import check_health, handler_backlog
 from django_workitems.models import Handler, RunStatus
 from django_workitems.recording import sync_handlers
 from django_workitems.registry import registry as default_registry
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 from tests.factories import HandlerRunFactory, WorkerFactory
 from tests.testapp.models import Task
 
@@ -156,21 +161,272 @@ def test_the_command_exit_status_for_an_orchestrator(worker_env):
     assert up.stdout.startswith("healthy: 1 worker")
 
 
+# Liveness: the file a worker touches, checked without the database ------------------------
+
+
+def test_touch_creates_the_file_then_advances_its_mtime(tmp_path):
+    path = tmp_path / "alive"
+    health.touch_liveness_file(str(path))
+    assert path.exists()
+    os.utime(path, (1_000_000, 1_000_000))  # as if touched long ago
+    health.touch_liveness_file(str(path))
+    assert path.stat().st_mtime > 1_000_000
+    assert health.liveness_file_age(str(path)) < 60
+
+
+def test_touch_never_raises_and_warns_once_about_an_unwritable_path(tmp_path, caplog):
+    path = str(tmp_path / "no-such-dir" / "alive")
+    with caplog.at_level(logging.WARNING, logger="django_workitems.health"):
+        for _ in range(3):
+            health.touch_liveness_file(path)
+    warnings = [r for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert len(warnings) == 1 and path in warnings[0].getMessage()
+    health.touch_liveness_file("bad\0path")  # ValueError from the OS layer: swallowed too
+
+    (tmp_path / "no-such-dir").mkdir()  # it recovers: a later failure warns again
+    health.touch_liveness_file(path)
+    assert os.path.exists(path)
+    (tmp_path / "no-such-dir" / "alive").unlink()
+    (tmp_path / "no-such-dir").rmdir()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="django_workitems.health"):
+        health.touch_liveness_file(path)
+    assert len([r for r in caplog.records if "cannot be written" in r.getMessage()]) == 1
+
+
+@pytest.fixture
+def no_database(monkeypatch):
+    """Any attempt to use a database connection fails the test."""
+
+    def refuse(self):
+        raise AssertionError(f"the database {self.alias!r} was used")
+
+    monkeypatch.setattr(BaseDatabaseWrapper, "ensure_connection", refuse)
+
+
+def test_file_check_passes_on_a_fresh_file_without_the_database(tmp_path, no_database):
+    path = tmp_path / "alive"
+    path.touch()
+    out, failure = health_command("--file", str(path))
+    assert failure is None, failure
+    assert out.startswith(f"healthy: {path} was touched ") and out.strip().endswith("s ago")
+
+
+def test_file_check_fails_on_a_stale_file_naming_path_and_age(tmp_path, no_database):
+    path = tmp_path / "alive"
+    path.touch()
+    old = path.stat().st_mtime - 120
+    os.utime(path, (old, old))
+    out, failure = health_command("--file", str(path), "--max-age", "60")
+    assert failure is not None and out == ""
+    message = str(failure)
+    assert message.startswith(f"unhealthy: {path} was last touched 1")  # 120.x s
+    assert "s ago, more than --max-age 60s" in message
+    _, failure = health_command("--file", str(path))  # the default max age is 60 too
+    assert failure is not None
+    assert health_command("--file", str(path), "--max-age", "600")[1] is None
+
+
+def test_file_check_fails_when_the_file_does_not_exist(tmp_path, no_database):
+    path = tmp_path / "never"
+    _, failure = health_command("--file", str(path))
+    assert failure is not None
+    assert str(failure) == (
+        f"unhealthy: {path} does not exist (runworkitems --health-file {path} has not touched it)"
+    )
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "soon", "inf"])
+def test_max_age_must_be_a_positive_number(tmp_path, bad):
+    with pytest.raises(CommandError, match="max-age"):
+        call_command("workitems_health", "--file", str(tmp_path / "f"), "--max-age", bad)
+
+
+def run_health(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "django", "workitems_health", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_file_check_works_with_the_database_down(tmp_path, worker_env):
+    """A subprocess whose database is a closed port: --file passes, the other modes fail."""
+    path = tmp_path / "alive"
+    path.touch()
+    env = worker_env(DATABASE_URL="postgres://postgres@127.0.0.1:1/nowhere")
+    alive = run_health(env, "--file", str(path), "--max-age", "60")
+    assert alive.returncode == 0, alive.stderr
+    assert alive.stdout.startswith(f"healthy: {path} was touched")
+    # The control: this environment really has no database.
+    deployment = run_health(env)
+    assert deployment.returncode == 1
+    assert "the database could not be read" in deployment.stderr
+    ready = run_health(env, "--ready")
+    assert ready.returncode == 1 and "not ready: the database refused" in ready.stderr
+
+
+def process_state(pid: int) -> str:
+    """The state letter of ``pid`` in /proc (``T`` when stopped); ``T`` without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "T"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_real_worker_keeps_its_file_fresh_and_a_stopped_one_fails_the_probe(
+    tmp_path, start_worker, worker_env
+):
+    path = tmp_path / "alive"
+    env = worker_env()
+    worker = start_worker("--handler", "jobs", "--health-file", str(path))
+
+    wait_for(path.exists, timeout=60, message="the worker to create its health file")
+    first = path.stat().st_mtime_ns
+    wait_for(
+        lambda: path.stat().st_mtime_ns > first,
+        timeout=60,
+        message="the worker to refresh its health file",
+    )
+    alive = run_health(env, "--file", str(path), "--max-age", "60")
+    assert alive.returncode == 0, alive.stderr + worker.output()
+
+    worker.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: process_state(worker.proc.pid) == "T", message="the worker to stop")
+        frozen = path.stat().st_mtime_ns
+        stale = wait_for(
+            lambda: (
+                (r := run_health(env, "--file", str(path), "--max-age", "2")).returncode == 1 and r
+            ),
+            timeout=60,
+            message="the probe to fail on the stopped worker's file",
+        )
+        assert f"unhealthy: {path} was last touched" in stale.stderr
+        assert "more than --max-age 2s" in stale.stderr
+        assert path.stat().st_mtime_ns == frozen  # a stopped worker touched nothing
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
+
+    # Resumed, it touches the file again and the strict probe passes once more.
+    wait_for(
+        lambda: path.stat().st_mtime_ns > frozen,
+        timeout=60,
+        message="the resumed worker to touch its file",
+    )
+    wait_for(
+        lambda: run_health(env, "--file", str(path), "--max-age", "2").returncode == 0,
+        timeout=60,
+        message="the probe to pass on the resumed worker's file",
+    )
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait(60) == 0, worker.output()
+
+
+# Readiness: the database takes the lease keeper's writes ----------------------------------
+
+
+def test_ready_when_the_database_takes_the_lease_keepers_writes():
+    handler = Handler.objects.create(name="held", lease_owner="other", lease_expires_at=None)
+    with CaptureQueriesContext(connection) as queries:
+        out, failure = health_command("--ready")
+    assert failure is None, failure
+    assert out.startswith(f"ready: the database ({connection.vendor}) takes")
+    updates = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
+    assert len(updates) == 2
+    assert Handler._meta.db_table in updates[0] and "lease_expires_at" in updates[0]
+    assert "last_heartbeat_at" in updates[1]
+    handler.refresh_from_db()
+    assert (handler.lease_owner, handler.lease_expires_at) == ("other", None)  # untouched
+
+
+@pytest.fixture
+def read_only_database():
+    """The database refuses writes, like a hot standby or a read-only replica."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "sqlite":
+            cursor.execute("PRAGMA query_only = ON")
+        else:
+            cursor.execute("SET transaction_read_only = on")  # until the test's rollback
+    try:
+        yield
+    finally:
+        if connection.vendor == "sqlite":
+            with connection.cursor() as cursor:
+                cursor.execute("PRAGMA query_only = OFF")
+
+
+def test_not_ready_when_the_database_refuses_writes(read_only_database):
+    assert check_health(detail=False).workers_alive == 0  # reads still work
+    _, failure = health_command("--ready")
+    assert failure is not None
+    message = str(failure)
+    assert message.startswith("not ready: the database refused the lease keeper's writes: ")
+    assert "read" in message.lower()  # "readonly database", "read-only transaction"
+
+
+def test_not_ready_when_the_database_raises(monkeypatch):
+    def down(*args, **kwargs):
+        raise DatabaseError("could not connect to server")
+
+    monkeypatch.setattr(Handler.objects, "filter", down)
+    _, failure = health_command("--ready")
+    assert failure is not None
+    assert str(failure) == (
+        "not ready: the database refused the lease keeper's writes: could not connect to server"
+    )
+
+
+@override_settings(WORKITEMS={"LEASE_TIMEOUT": "soon"})
+def test_not_ready_with_a_bad_lease_timeout():
+    _, failure = health_command("--ready")
+    assert failure is not None and "LEASE_TIMEOUT" in str(failure)
+
+
+def test_json_goes_with_neither_file_nor_ready(tmp_path):
+    _, failure = health_command("--ready", "--json")
+    assert failure is not None and "--json" in str(failure)
+
+
 # The view --------------------------------------------------------------------------------
 
 
-def test_the_view_gives_anyone_the_status_but_no_detail(client):
+def test_the_view_tells_anyone_only_whether_it_is_healthy(client):
+    WorkerFactory(hostname="secret-host", pid=9840, stopped_at=timezone.now())
+    assert "secret-host" in check_health(detail=False).reason  # what must not leak
+
     response = client.get("/health/")
     assert response.status_code == 503
-    body = response.json()
-    assert body["status"] == "unhealthy" and body["workers_alive"] == 0
-    assert "workers" not in body and "handlers" not in body
+    assert response.json() == {"healthy": False}
+    assert b"secret-host" not in response.content and b"9840" not in response.content
     assert "no-cache" in response["Cache-Control"]
 
-    WorkerFactory(hostname="secret-host")
+    WorkerFactory(hostname="secret-host", pid=9841)
     response = client.get("/health/")
     assert response.status_code == 200
-    assert response.json()["status"] == "ok" and b"secret-host" not in response.content
+    assert response.json() == {"healthy": True}
+
+
+def test_a_user_who_is_not_staff_is_anonymous_to_the_view(client, django_user_model):
+    user = django_user_model.objects.create_user("visitor", password="pw")  # noqa: S106
+    client.force_login(user)
+    WorkerFactory(hostname="secret-host", stopped_at=timezone.now())
+    response = client.get("/health/")
+    assert (response.status_code, response.json()) == (503, {"healthy": False})
+
+
+def test_the_view_gives_staff_the_reason_naming_host_and_pid(admin_client):
+    worker = WorkerFactory(hostname="box-9", pid=9840, stopped_at=timezone.now())
+    response = admin_client.get("/health/")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unhealthy" and f"the last one, {worker}, stopped" in body["reason"]
+    assert "box-9" in body["reason"]
 
 
 def test_the_view_gives_staff_the_same_json_as_the_command(admin_client):
@@ -186,7 +442,7 @@ def test_the_view_gives_staff_the_same_json_as_the_command(admin_client):
     assert [h["name"] for h in body["handlers"]] == [h["name"] for h in command["handlers"]]
 
 
-def test_the_view_refuses_writes_and_survives_a_database_error(client, monkeypatch):
+def test_the_view_refuses_writes_and_survives_a_database_error(client, admin_client, monkeypatch):
     assert client.post("/health/").status_code == 405
 
     def down(**kwargs):
@@ -194,6 +450,8 @@ def test_the_view_refuses_writes_and_survives_a_database_error(client, monkeypat
 
     monkeypatch.setattr(health, "check_health", down)
     response = client.get("/health/")
+    assert (response.status_code, response.json()) == (503, {"healthy": False})
+    response = admin_client.get("/health/")
     assert response.status_code == 503
     assert response.json() == {"status": "unhealthy", "reason": "the database could not be read"}
 
