@@ -289,21 +289,8 @@ def _handler_figures(registration: Any) -> tuple[int | None, float | None] | Non
                 logger.exception("Handler %s: close() raised", name, extra={"handler": name})
 
 
-def _age_seconds(since: datetime, now: datetime | str) -> float:
-    if isinstance(now, str):  # a backend that returns the bare parameter as text
-        from django.utils.dateparse import parse_datetime
-
-        parsed = parse_datetime(now)
-        if parsed is None:
-            return 0.0
-        now = parsed
-    if (now.tzinfo is None) != (since.tzinfo is None):
-        from django.utils import timezone
-
-        if now.tzinfo is None:
-            now = timezone.make_aware(now, timezone.get_current_timezone())
-        else:
-            since = timezone.make_aware(since, timezone.get_current_timezone())
+def _age_seconds(since: datetime, now: datetime) -> float:
+    """Seconds from ``since`` to ``now`` (both read in one statement of the database), >= 0."""
     return max(timedelta(0), now - since).total_seconds()
 
 
