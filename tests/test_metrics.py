@@ -186,10 +186,11 @@ def test_a_worker_asked_for_metrics_without_prometheus_client_stops_and_says_why
         tmp_path / "worker.log",
     )
     try:
-        assert worker.wait(60) != 0, worker.output()
+        assert worker.wait(60) == 2, worker.output()  # bad usage, before any handler runs
     finally:
         worker.kill()
     assert "pip install django-workitems[metrics]" in worker.output()
+    assert "Worker" not in worker.output()  # it never started
 
 
 # A real worker, scraped over HTTP -------------------------------------------------------------

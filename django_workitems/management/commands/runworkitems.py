@@ -9,6 +9,7 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from django_workitems import metrics
 from django_workitems.background import BackgroundProcessingService
 from django_workitems.conf import app_settings, parse_duration
 from django_workitems.exceptions import UnknownHandlerError
@@ -133,6 +134,11 @@ class Command(BaseCommand):
             )
         except (UnknownHandlerError, ImproperlyConfigured) as exc:
             raise CommandError(str(exc), returncode=EXIT_USAGE) from exc
+        if options["metrics_port"] is not None and not metrics.available():
+            raise CommandError(
+                "--metrics-port needs prometheus-client: pip install django-workitems[metrics]",
+                returncode=EXIT_USAGE,
+            )
         if not service.registrations:
             raise CommandError(
                 "No handlers selected: none are registered, or none match.", returncode=EXIT_USAGE
