@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import sys
@@ -162,11 +163,21 @@ def list_factory(
     return factory
 
 
+class AsyncSleepHandler(StaticHandler):
+    """Workload 10: hands out a prepared list once; ``process`` awaits ``ASYNC_SLEEP`` seconds."""
+
+    seconds = 0.02
+
+    async def process(self, item: Ticket, cancel: workitems.CancellationToken) -> None:  # type: ignore[override]
+        await asyncio.sleep(self.seconds)
+
+
 def tickets(count: int) -> list[Ticket]:
     return [Ticket(i) for i in range(count)]
 
 
 __all__: Sequence[str] = [
+    "AsyncSleepHandler",
     "DrainHandler",
     "EndlessHandler",
     "IoHandler",

@@ -7,6 +7,7 @@ Workloads 1, 2, 4 and 6 drive real ``runworkitems`` subprocesses (started with t
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import queue
@@ -40,6 +41,7 @@ from django_workitems.registry import HandlerRegistry
 
 from .handlers import (
     IO_SECONDS,
+    AsyncSleepHandler,
     DrainHandler,
     StaticHandler,
     Stopwatch,
@@ -922,6 +924,82 @@ def many_handlers(bench: Bench) -> list[Result]:
     ]
 
 
+# -- 10: async items at concurrency ---------------------------------------------------------
+
+
+def async_concurrency(bench: Bench) -> list[Result]:
+    """Workload 10: 2,000 in-memory items that ``await asyncio.sleep(0.02)``, at concurrency 100.
+
+    The ideal is ``items * 0.02 / 100`` (0.4 s); the baseline, measured in the same run, is a
+    plain asyncio loop with a semaphore of 100. The engine runs them with 4 pool threads.
+    """
+    count, concurrency, threads = bench.sizes.io_items, 100, 4
+    ideal = count * AsyncSleepHandler.seconds / concurrency
+
+    async def plain() -> None:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with gate:
+                await asyncio.sleep(AsyncSleepHandler.seconds)
+
+        await asyncio.gather(*(one() for _ in range(count)))
+
+    bare: list[float] = []
+    engine: list[float] = []
+    for _ in range(bench.sizes.repeats):
+        started = time.monotonic()
+        asyncio.run(plain())
+        bare.append(time.monotonic() - started)
+        registry = HandlerRegistry()
+        registry.add_handler(
+            functools.partial(AsyncSleepHandler, tickets(count)),
+            name="bench.async",
+            max_items_per_cycle=count,
+        )
+        options = {
+            **settings.WORKITEMS,
+            "QUEUE_SIZE": count,
+            "WORKERS": threads,
+            "ASYNC_CONCURRENCY": concurrency,
+        }
+        with override_settings(WORKITEMS=options):
+            started = time.monotonic()
+            result = run_once(registry=registry, workers=threads)
+            elapsed = time.monotonic() - started
+        if result["bench.async"].succeeded != count:
+            raise BenchError(f"the cycle processed {result['bench.async'].succeeded} items")
+        engine.append(elapsed)
+    figure = min(engine)
+    ratio = figure / ideal
+    bench.say(
+        f"10 async: {figure:.2f}s vs ideal {ideal:.2f}s ({ratio:.2f}x); "
+        f"plain asyncio {min(bare):.2f}s"
+    )
+    return [
+        Result(
+            workload="10 async items at concurrency 100",
+            db=bench.db,
+            figure=figure,
+            unit="s",
+            baseline=ideal,
+            baseline_label="ideal",
+            ratio=ratio,
+            target="<= 1.5x ideal",
+            met=None if bench.quick else ratio <= 1.5,
+            details={
+                "items": count,
+                "concurrency": concurrency,
+                "threads": threads,
+                "item_seconds": AsyncSleepHandler.seconds,
+                "engine_seconds": engine,
+                "plain_asyncio_seconds": bare,
+                "best_of": bench.sizes.repeats,
+            },
+        )
+    ]
+
+
 WORKLOADS: dict[int, Callable[[Bench], list[Result]]] = {
     1: drain_trivial,
     2: drain_io,
@@ -932,4 +1010,5 @@ WORKLOADS: dict[int, Callable[[Bench], list[Result]]] = {
     7: claim_at_scale,
     8: cycle_overhead,
     9: many_handlers,
+    10: async_concurrency,
 }

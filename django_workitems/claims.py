@@ -17,6 +17,7 @@ a worker (``run_handler``, a test) shares a book of its own. A book holds:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError
 from django.db.models import F, Q
@@ -329,6 +331,30 @@ class QuerySetHandler(WorkItemHandler[M]):
             raise
         else:
             self._done(item)
+        finally:
+            self._forget(item)
+
+    async def process_async(self, item: M, cancel: CancellationToken) -> None:
+        """:meth:`process` for an ``async def handle``, on the worker's event loop.
+
+        The outcome is written through ``sync_to_async``; an item cancelled for hanging past
+        its ``item_timeout`` (or the shutdown timeout) is recorded failed and retried.
+        """
+        try:
+            await self.handle(item, cancel)  # type: ignore[misc]
+        except Cancelled:
+            if not cancel.cancelled:
+                await sync_to_async(self._failed)(item, "Cancelled by the handler")
+            raise
+        except asyncio.CancelledError:
+            await sync_to_async(self._failed)(item, "Cancelled: it did not finish in time")
+            raise
+        except Exception as exc:
+            error = "".join(traceback.format_exception(exc))
+            await sync_to_async(self._failed)(item, error, retry=self.should_retry(item, exc))
+            raise
+        else:
+            await sync_to_async(self._done)(item)
         finally:
             self._forget(item)
 

@@ -23,6 +23,8 @@ replaced.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import queue
@@ -34,6 +36,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.db import DatabaseError
 
 from . import hygiene, metrics, recording
@@ -48,6 +51,7 @@ from .activation import (
     format_exception,
     safe_str,
 )
+from .aio import EventLoop, async_process_of
 from .channel import FairChannel
 from .claims import ClaimBook, QuerySetHandler
 from .conf import app_settings
@@ -381,6 +385,8 @@ class WorkItemProcessingService:
         )
         self.recorder = recording.RunRecorder(worker_id=worker_id)
         self.stats = DurationStats()
+        self.loop = EventLoop(self.async_concurrency)
+        """The event loop of this process's async items."""
         self._fetchers = FetchPool(self)
         self._slots: list[Slot] = []
         self._slots_lock = threading.Lock()
@@ -554,7 +560,7 @@ class WorkItemProcessingService:
                     activation.handler = reg.create_handler()
                     if isinstance(activation.handler, QuerySetHandler):
                         activation.handler.claims = self.claims
-                    activation.is_async = _is_coroutine_function(activation.handler.process)
+                    activation.is_async = async_process_of(activation.handler) is not None
                 ran = True
                 items = as_items(
                     call_handler(activation.handler.fetch_next, job.ask, activation.token)
@@ -696,7 +702,9 @@ class WorkItemProcessingService:
                     if found is None:
                         return
                 key, (activation, item) = found
-                if not self._process(slot, key, activation, item):
+                if activation.is_async:
+                    self._start_async(key, activation, item)
+                elif not self._process(slot, key, activation, item):
                     return  # given up on: this thread is no longer part of the pool
         finally:
             if slot.given_up:
@@ -707,17 +715,23 @@ class WorkItemProcessingService:
                         self._slots.remove(slot)
             hygiene.close_all()
 
+    def _fenced(self, key: str, activation: Activation, item: Any) -> bool:
+        """True (and the item given back) when the activation's lease may be someone else's."""
+        lease = activation.lease
+        if lease is None or lease.valid():
+            return False
+        # Fenced: another process may hold the lease by now.
+        self.channel.task_done(key)
+        activation.stop_fetching(cancelled=True)
+        self._give_back(activation, [item], "its lease could not be renewed in time")
+        step = activation.items_released(1)
+        self._after(activation, self._release_queued(activation, "its lease was lost"))
+        self._after(activation, step)
+        return True
+
     def _process(self, slot: Slot, key: str, activation: Activation, item: Any) -> bool:
         """Process one item; False when the thread was given up on meanwhile."""
-        lease = activation.lease
-        if lease is not None and not lease.valid():
-            # Fenced: another process may hold the lease by now.
-            self.channel.task_done(key)
-            activation.stop_fetching(cancelled=True)
-            self._give_back(activation, [item], "its lease could not be renewed in time")
-            step = activation.items_released(1)
-            self._after(activation, self._release_queued(activation, "its lease was lost"))
-            self._after(activation, step)
+        if self._fenced(key, activation, item):
             return True
         handler = activation.handler
         assert handler is not None  # items are queued only after their handler fetched them
@@ -753,7 +767,22 @@ class WorkItemProcessingService:
             return False
         if outcome is ItemOutcome.RELEASED:
             self._give_back(activation, [item], "the worker is shutting down")
-        elif failure is not None:
+        step = self._item_ended(key, activation, item_id, outcome, failure, elapsed)
+        hygiene.after_work(idle=False)
+        self._after(activation, step)
+        return True
+
+    def _item_ended(
+        self,
+        key: str,
+        activation: Activation,
+        item_id: str,
+        outcome: ItemOutcome,
+        failure: Failure | None,
+        elapsed: float,
+    ) -> Step:
+        """Count an item that ended (any thread; no database): log, stats, the activation."""
+        if failure is not None and outcome is not ItemOutcome.RELEASED:
             outcome = ItemOutcome.FAILED
             logger.error(
                 "Handler %s: item %s failed: %s: %s",
@@ -768,9 +797,77 @@ class WorkItemProcessingService:
         metrics.record_item(activation.name, outcome.value, elapsed)
         step = activation.item_ended(outcome, failure)
         self.channel.task_done(key)
-        hygiene.after_work(idle=False)
-        self._after(activation, step)
-        return True
+        return step
+
+    # -- async items (a pool thread starts them; the event loop runs them) -----------------
+
+    def _start_async(self, key: str, activation: Activation, item: Any) -> None:
+        """Start an async item on the event loop, when it has room (``ASYNC_CONCURRENCY``)."""
+        if self._fenced(key, activation, item):
+            return
+        if not self.loop.acquire(stopped=lambda: self._stopping):
+            self.channel.task_done(key)
+            self._give_back(activation, [item], "the worker is shutting down")
+            self._after(activation, activation.items_released(1))
+            return
+        self.loop.start(self._process_async(key, activation, item))
+
+    async def _process_async(self, key: str, activation: Activation, item: Any) -> None:
+        handler = activation.handler
+        process = async_process_of(handler)
+        assert process is not None  # is_async was decided from this very handler
+        item_id = describe_item(item)
+        token = activation.token.child()
+        log_context.set((activation.name, activation.run_id, item_id))  # this task's own copy
+        failure: Failure | None = None
+        outcome = ItemOutcome.SUCCEEDED
+        started = time.monotonic()
+        task = asyncio.ensure_future(process(item, token))
+        try:
+            timeout = activation.item_timeout
+            if timeout is not None and not await _finished_within(task, timeout):
+                token.cancel()
+                if not await _finished_within(task, min(timeout, GRACE_CAP)):
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+                    failure = Failure.of(
+                        item_id,
+                        HungItem(
+                            f"process() did not finish within "
+                            f"{time.monotonic() - started:.1f}s (item_timeout {timeout:.1f}s "
+                            "and its grace); it was cancelled"
+                        ),
+                    )
+            if failure is None:
+                await task
+        except asyncio.CancelledError:  # the shutdown timeout passed: it was cancelled
+            task.cancel()
+            failure = Failure.of(
+                item_id, HungItem("still in process after the shutdown timeout; cancelled")
+            )
+        except Cancelled as exc:
+            if activation.token.cancelled:  # shutting down: it goes back, untouched
+                outcome = ItemOutcome.RELEASED
+            else:
+                failure = Failure.of(item_id, exc)
+        except BaseException as exc:  # an item must never take the loop down
+            failure = Failure.of(item_id, exc)
+        elapsed = time.monotonic() - started
+        # Its ORM calls ran on the thread sync_to_async shares: check that one for a leak.
+        leaked = await sync_to_async(_after_async_item)()
+        if leaked and failure is None and outcome is ItemOutcome.SUCCEEDED:
+            failure = Failure.of(
+                item_id,
+                LeakedTransaction(
+                    f"process() returned with a transaction open on {', '.join(leaked)}; "
+                    "it was rolled back, so nothing it wrote there was kept"
+                ),
+            )
+        if outcome is ItemOutcome.RELEASED:
+            await sync_to_async(self._give_back)(activation, [item], "the worker is shutting down")
+        step = self._item_ended(key, activation, item_id, outcome, failure, elapsed)
+        self._after(activation, step, on_coordinator=True)  # never the database on the loop
 
     # -- the watchdog (the coordinator) -------------------------------------------------------
 
@@ -999,6 +1096,13 @@ class WorkItemProcessingService:
             if not self._live:
                 break
             self.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+        if self.loop.running:
+            logger.warning(
+                "%d async items still in process after the shutdown timeout of %.1fs: cancelled",
+                self.loop.running,
+                timeout,
+            )
+            self.loop.cancel_all(timeout=1.0)
         with self._slots_lock:
             slots = list(self._slots)
         for slot in slots:
@@ -1045,6 +1149,7 @@ class WorkItemProcessingService:
             threads = [slot.thread for slot in self._slots if not slot.given_up]
         _join([t for t in threads if t is not None], JOIN_TIMEOUT)
         self._fetchers.stop(JOIN_TIMEOUT)
+        self.loop.stop(JOIN_TIMEOUT)
 
     def _released(self, activation: Activation, items: list[Any]) -> Step:
         self._give_back(activation, items, "the worker is shutting down")
@@ -1072,10 +1177,16 @@ def _isolate(handler: Any, item: Any) -> bool:
         return False
 
 
-def _is_coroutine_function(method: Any) -> bool:
-    import inspect
+async def _finished_within(task: asyncio.Future[Any], seconds: float) -> bool:
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    return bool(done)
 
-    return inspect.iscoroutinefunction(method)
+
+def _after_async_item() -> list[str]:
+    """On the thread sync_to_async shares: roll back a leaked transaction, drop stale links."""
+    leaked = hygiene.open_transactions()
+    hygiene.after_work(idle=False)
+    return leaked
 
 
 def results_of(activations: Iterable[Activation]) -> dict[str, ActivationResult]:
