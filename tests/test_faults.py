@@ -11,10 +11,11 @@ from collections.abc import Iterator
 import pytest
 from django.db import connection
 
+from django_workitems.models import HandlerRun
 from tests.conftest import database_url, wait_for
 from tests.faultproxy import FaultProxy, fault_proxy
 from tests.test_scaleout import postgres_only, stop_all
-from tests.testapp.models import ProcessLog, Task
+from tests.testapp.models import Job, ProcessLog, Task
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -89,3 +90,64 @@ def test_a_second_sigint_exits_at_once_even_with_the_database_frozen(start_worke
     wait_for(lambda: "stopping" in worker.output(), timeout=20, message="the first SIGINT seen")
     worker.proc.send_signal(signal.SIGINT)
     assert worker.wait(20) == 130, worker.output()
+
+
+def test_a_run_whose_end_could_not_be_written_for_long_is_written_once_the_database_is_back(
+    start_worker, proxy
+):
+    """Defect 4: the item ends while the database refuses every connection for longer than the
+    recorder once tried; the run must not stay ``running`` under the live worker."""
+    task = Task.objects.create(seconds=1.5)
+    worker = start_worker("--handler", "tasks", "--workers", "1", **through(proxy))
+    wait_for(lambda: ProcessLog.objects.filter(task_id=task.pk).exists(), timeout=60)
+    proxy.set_mode("refuse")
+    outage = time.monotonic()
+    wait_for(lambda: time.monotonic() >= outage + 10, timeout=30, message="a 10 s outage")
+    proxy.set_mode("pass")
+    # (Fetches tried during the outage are runs of their own, recorded failed.)
+    runs = HandlerRun.objects.filter(handler__name="tasks", items_fetched__gt=0)
+    run = wait_for(
+        lambda: runs.exclude(status="running").first(),
+        timeout=60,
+        message="the run's end written after the outage",
+    )
+    assert worker.proc.poll() is None, "written only because the worker stopped"
+    assert (run.status, run.items_fetched, run.items_succeeded) == ("succeeded", 1, 1)
+    wait_for(
+        lambda: Task.objects.get(pk=task.pk).status == "succeeded",
+        timeout=60,
+        message="the row's kept outcome written",
+    )
+    assert worker.proc.poll() is None
+    stop_all([worker])
+
+
+def test_a_worker_stalled_past_its_lease_does_not_double_an_exclusive_handler(start_worker):
+    """Defect 10: SIGSTOP past LEASE_TIMEOUT, another worker takes the lease, then SIGCONT:
+    the resumed worker starts none of its queued items and fetches nothing without the lease.
+    Only the one item in process at the stall can run twice (it cannot be un-started)."""
+    postgres_only()
+    Job.objects.bulk_create(
+        [Job(queue="exclusive", action="sleep", seconds=0.2) for _ in range(40)]
+    )
+    lease = {"WORKITEMS_LEASE_TIMEOUT": "00:00:02"}
+    stalled = start_worker("--handler", "exclusive-jobs", "--workers", "1", **lease)
+    done = Job.objects.filter(queue="exclusive", status="done")
+    wait_for(lambda: done.count() >= 3, timeout=60, message="the first worker under way")
+    stalled.proc.send_signal(signal.SIGSTOP)
+    try:
+        before = done.count()
+        other = start_worker("--handler", "exclusive-jobs", "--workers", "1", **lease)
+        wait_for(lambda: done.count() >= before + 5, timeout=60, message="the lease taken over")
+    finally:
+        stalled.proc.send_signal(signal.SIGCONT)
+    wait_for(
+        lambda: not Job.objects.filter(queue="exclusive").exclude(status="done").exists(),
+        timeout=120,
+        message="every job",
+    )
+    stop_all([stalled, other])
+
+    twice = Job.objects.filter(queue="exclusive", times_processed__gt=1).count()
+    assert twice <= 1, f"{twice} jobs processed twice"
+    assert not Job.objects.filter(queue="exclusive", times_processed=0).exists()
