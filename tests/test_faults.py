@@ -3,7 +3,10 @@ loopback TCP proxy of our own between the worker and PostgreSQL (``tests/faultpr
 
 from __future__ import annotations
 
+import itertools
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -15,9 +18,14 @@ from django_workitems.models import HandlerRun
 from tests.conftest import database_url, wait_for
 from tests.faultproxy import FaultProxy, fault_proxy
 from tests.test_scaleout import postgres_only, stop_all
-from tests.testapp.models import Job, ProcessLog, Task
+from tests.testapp.models import Activity, Job, ProcessLog, Task
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+SKEW_PROBE = (
+    "import django, time; django.setup(); from django.utils import timezone; "
+    "print(timezone.now().timestamp() - time.time())"
+)
 
 SHUTDOWN = 3.0  # WORKITEMS_SHUTDOWN_TIMEOUT of these workers, in seconds
 
@@ -151,3 +159,43 @@ def test_a_worker_stalled_past_its_lease_does_not_double_an_exclusive_handler(st
     twice = Job.objects.filter(queue="exclusive", times_processed__gt=1).count()
     assert twice <= 1, f"{twice} jobs processed twice"
     assert not Job.objects.filter(queue="exclusive", times_processed=0).exists()
+
+
+def test_a_host_whose_clock_is_ahead_takes_no_live_workers_row_nor_its_lease(
+    start_worker, worker_env
+):
+    """Defect 12, with real workers: one process's clock 30 s ahead, LEASE_TIMEOUT 10 s."""
+    postgres_only()
+    probe = subprocess.run(
+        [sys.executable, "-c", SKEW_PROBE],
+        env=worker_env(WORKITEMS_TEST_CLOCK_SKEW="30"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert 29 < float(probe.stdout) < 40, probe.stderr  # the hook really skews that process
+    Task.objects.bulk_create([Task(seconds=4) for _ in range(4)])
+    Job.objects.bulk_create([Job(queue="exclusive", action="sleep", seconds=4) for _ in range(2)])
+    lease = {"WORKITEMS_LEASE_TIMEOUT": "00:00:10"}
+    handlers = ["--handler", "tasks", "--handler", "exclusive-jobs", "--workers", "6"]
+    live = start_worker(*handlers, **lease)
+    wait_for(lambda: ProcessLog.objects.count() == 4, timeout=60, message="every row claimed")
+    wait_for(lambda: Job.objects.filter(started_at__isnull=False).exists(), timeout=60)
+    ahead = start_worker(*handlers, WORKITEMS_TEST_CLOCK_SKEW="30", **lease)
+    wait_for(lambda: "started" in ahead.output(), timeout=60, message="the skewed worker")
+    wait_for(
+        lambda: (
+            Task.objects.filter(status="succeeded").count() == 4
+            and not Job.objects.exclude(status="done").exists()
+        ),
+        timeout=90,
+        message="every row and job done",
+    )
+    stop_all([live, ahead])
+
+    assert set(ProcessLog.objects.values_list("pid", flat=True)) == {live.proc.pid}
+    assert set(Job.objects.values_list("times_processed", flat=True)) == {1}
+    assert not HandlerRun.objects.filter(status="abandoned").exists()
+    spans = sorted(Activity.objects.values_list("started", "ended"))
+    for (_, ended), (started, _) in itertools.pairwise(spans):
+        assert started >= ended, "two activations of the exclusive handler overlapped"
