@@ -11,10 +11,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Self
 
-from .conf import app_settings, parse_duration
+from .conf import MIN_POLL_INTERVAL, app_settings, max_wait, parse_duration
 from .exceptions import ConfigurationError, UnknownHandlerError
 from .handlers import Purpose, WorkItemHandler
 from .schedules import SCHEDULE_MAX_LENGTH, CronSchedule, ScheduleError
+
+MAX_STORED_INT = 2**31 - 1
+"""The largest ``max_items_per_cycle`` the ``Handler`` table stores (an integer column)."""
+
+HANDLER_CLASS_MAX_LENGTH = 255
+"""The longest dotted path of a handler class the ``Handler`` table stores."""
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,100}")  # used with fullmatch: no "\n" past $
 
@@ -208,14 +214,21 @@ class HandlerRegistry:
                 f"Handler {name!r}: {handler!r} is neither a handler class nor a factory callable."
             )
         _check_no_arguments(name, handler)
+        path = _dotted_path(handler)
+        if len(path) > HANDLER_CLASS_MAX_LENGTH:
+            raise ConfigurationError(
+                f"Handler {name!r}: the dotted path of {path[:60]!r}... is longer than "
+                f"{HANDLER_CLASS_MAX_LENGTH} characters, more than the Handler table stores."
+            )
         if isinstance(max_items_per_cycle, bool) or not isinstance(max_items_per_cycle, int):
             raise ConfigurationError(
                 f"Handler {name!r}: max_items_per_cycle must be an int >= 1, "
                 f"got {max_items_per_cycle!r}."
             )
-        if max_items_per_cycle < 1:
+        if not 1 <= max_items_per_cycle <= MAX_STORED_INT:
             raise ConfigurationError(
-                f"Handler {name!r}: max_items_per_cycle must be >= 1, got {max_items_per_cycle!r}."
+                f"Handler {name!r}: max_items_per_cycle must be from 1 to {MAX_STORED_INT}, "
+                f"got {max_items_per_cycle!r}."
             )
         try:
             purpose = Purpose(purpose)
@@ -233,7 +246,9 @@ class HandlerRegistry:
         interval = None
         if poll_interval is not None:
             try:
-                interval = parse_duration(poll_interval)
+                interval = parse_duration(
+                    poll_interval, minimum=MIN_POLL_INTERVAL, maximum=max_wait()
+                )
             except ValueError as exc:
                 raise ConfigurationError(
                     f"Handler {name!r}: poll_interval {poll_interval!r} {exc}."
@@ -241,11 +256,11 @@ class HandlerRegistry:
         if max_concurrency is not None and (
             isinstance(max_concurrency, bool)
             or not isinstance(max_concurrency, int)
-            or max_concurrency < 1
+            or not 1 <= max_concurrency <= MAX_STORED_INT
         ):
             raise ConfigurationError(
-                f"Handler {name!r}: max_concurrency must be None or an int >= 1, "
-                f"got {max_concurrency!r}."
+                f"Handler {name!r}: max_concurrency must be None or an int from 1 to "
+                f"{MAX_STORED_INT}, got {max_concurrency!r}."
             )
         timeouts: dict[str, timedelta | None] = {}
         for option, value in (
@@ -256,7 +271,7 @@ class HandlerRegistry:
             timeouts[option] = None
             if value is not None:
                 try:
-                    timeouts[option] = parse_duration(value)
+                    timeouts[option] = parse_duration(value, maximum=max_wait())
                 except ValueError as exc:
                     raise ConfigurationError(
                         f"Handler {name!r}: {option} {value!r} {exc}."

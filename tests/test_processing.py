@@ -274,7 +274,7 @@ def test_a_non_exclusive_handler_is_fetched_again_while_its_items_are_in_process
 
 
 def test_per_handler_poll_interval_is_honoured(registry, list_handler, recorder, run_in_background):
-    registry.add_handler(list_handler("often", 0), name="often", poll_interval=0.05)
+    registry.add_handler(list_handler("often", 0), name="often", poll_interval=0.1)
     registry.add_handler(list_handler("rarely", 0), name="rarely", poll_interval="01:00:00")
 
     run_in_background(registry=registry)
@@ -330,7 +330,7 @@ def test_disabled_handler_is_skipped_by_a_running_worker(
     registry, list_handler, recorder, run_in_background
 ):
     registry.add_handler(list_handler("paused", 3), name="paused")
-    registry.add_handler(list_handler("active", 0), name="active", poll_interval=0.05)
+    registry.add_handler(list_handler("active", 0), name="active", poll_interval=0.1)
     recording.sync_handlers(registry)
     Handler.objects.filter(name="paused").update(is_enabled=False)
 

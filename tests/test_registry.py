@@ -599,3 +599,31 @@ def test_registering_the_very_same_handler_again_is_harmless(reg):
     with raises_config("'again'", "already registered"):
         reg.add_handler(Handler, name="again", max_items_per_cycle=6)
     assert reg.get("again").max_items_per_cycle == 5
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"max_items_per_cycle": 2**31}, "max_items_per_cycle must be from 1 to 2147483647"),
+        ({"max_concurrency": 2**31}, "max_concurrency must be None or an int from 1 to"),
+        ({"poll_interval": 0.05}, "poll_interval 0.05 is too small (at least"),
+        ({"poll_interval": 10**12}, "poll_interval 1000000000000 is too large"),
+        ({"item_timeout": "999999999 00:00:00"}, "item_timeout '999999999 00:00:00' is too large"),
+    ],
+)
+def test_registration_values_are_bounded_by_what_the_table_and_the_clock_hold(
+    registry, options, expected
+):
+    from tests.testapp.handlers import JobHandler
+
+    with pytest.raises(ImproperlyConfigured, match="Handler 'bounded'") as caught:
+        registry.add_handler(JobHandler, name="bounded", **options)
+    assert expected in str(caught.value)
+
+
+def test_a_handler_class_path_longer_than_the_table_stores_is_refused(registry):
+    from tests.testapp.handlers import JobHandler
+
+    long = type("H" * 300, (JobHandler,), {})
+    with pytest.raises(ImproperlyConfigured, match="longer than 255 characters"):
+        registry.add_handler(long, name="long")

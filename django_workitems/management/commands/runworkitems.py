@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_workitems import metrics
 from django_workitems.background import BackgroundProcessingService
-from django_workitems.conf import app_settings, parse_duration
+from django_workitems.conf import MIN_POLL_INTERVAL, app_settings, max_wait, parse_duration
 from django_workitems.exceptions import UnknownHandlerError
 from django_workitems.handlers import Purpose
 from django_workitems.log import configure_logging
@@ -24,7 +24,7 @@ EXIT_USAGE = 2
 
 def _duration(value: str) -> timedelta:
     try:
-        return parse_duration(value)
+        return parse_duration(value, minimum=MIN_POLL_INTERVAL, maximum=max_wait())
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"invalid duration {value!r}: {exc}") from None
 
