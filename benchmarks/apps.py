@@ -9,11 +9,12 @@ class BenchmarksConfig(AppConfig):
     def ready(self) -> None:
         import django_workitems as workitems
 
-        from .handlers import DrainHandler, EndlessHandler, IoHandler, WakeHandler
+        from .handlers import DrainHandler, EndlessHandler, IoHandler, SlowHandler, WakeHandler
 
         # The handlers the workloads run in real ``runworkitems`` processes (one at a time,
         # selected with --handler); in-process workloads use registries of their own.
         workitems.add_handler(DrainHandler, name="bench.drain", max_items_per_cycle=100)
         workitems.add_handler(IoHandler, name="bench.io", max_items_per_cycle=100)
         workitems.add_handler(WakeHandler, name="bench.wake")
+        workitems.add_handler(SlowHandler, name="bench.slow", max_items_per_cycle=100)
         workitems.add_handler(EndlessHandler, name="bench.memory")

@@ -55,6 +55,17 @@ class WakeHandler(DrainHandler):
         emit("bench-wake", obj.pk, f"{time.monotonic():.6f}")
 
 
+class SlowHandler(DrainHandler):
+    """Workload 11: slow items; says when each started and ended, and in which process."""
+
+    seconds = 0.5
+
+    def handle(self, obj: BenchItem, cancel: workitems.CancellationToken) -> None:
+        started = time.monotonic()
+        time.sleep(self.seconds)
+        emit("bench-slow", os.getpid(), f"{started:.6f}", f"{time.monotonic():.6f}")
+
+
 @dataclass(frozen=True)
 class Ticket:
     """An in-memory work item."""
@@ -182,6 +193,7 @@ __all__: Sequence[str] = [
     "EndlessHandler",
     "IoHandler",
     "ListHandler",
+    "SlowHandler",
     "StaticHandler",
     "Stopwatch",
     "Ticket",

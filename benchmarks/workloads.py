@@ -8,6 +8,7 @@ Workloads 1, 2, 4 and 6 drive real ``runworkitems`` subprocesses (started with t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import queue
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ from .handlers import (
     IO_SECONDS,
     AsyncSleepHandler,
     DrainHandler,
+    SlowHandler,
     StaticHandler,
     Stopwatch,
     Ticket,
@@ -1000,6 +1003,82 @@ def async_concurrency(bench: Bench) -> list[Result]:
     ]
 
 
+# -- 11: no hoarding: two one-thread workers and slow items ------------------------------------
+
+
+def idle_with_work(bench: Bench) -> list[Result]:
+    """Workload 11: two ``runworkitems --workers 1`` processes share 0.5-second items.
+
+    Measured from the moment both workers are up and the rows are inserted to the moment the
+    last item started (work was waiting all that time): the fraction of that worker-time in
+    which a worker processed nothing. A worker that claims more than it can start soon leaves
+    the other idle beside a queue of work it cannot take.
+    """
+    count = 8 if bench.quick else 24
+    reset_items()
+    workers = [
+        # Polling every 0.1 s: this workload is about claims, not wake-ups (workload 4).
+        start_worker(
+            "bench.slow",
+            "--workers",
+            "1",
+            "--poll-interval",
+            "00:00:00.1",
+            log_name=f"{bench.db}-slow-{i}",
+        )
+        for i in range(2)
+    ]
+    try:
+        pids = [worker.proc.pid for worker in workers]
+        wait_until(
+            lambda: Worker.objects.filter(pid__in=pids, stopped_at__isnull=True).count() == 2,
+            timeout=60,
+            what="the slow workers to start",
+        )
+        opened = time.monotonic()
+        insert_items(count)
+        spans: list[tuple[int, float, float]] = []
+        deadline = time.monotonic() + 60 + count * SlowHandler.seconds
+        while len(spans) < count:
+            for worker in workers:
+                with contextlib.suppress(queue.Empty):
+                    line = worker.lines.get(timeout=0.05)
+                    fields = line.split()
+                    if fields and fields[0] == "bench-slow":
+                        spans.append((int(fields[1]), float(fields[2]), float(fields[3])))
+                worker.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"only {len(spans)} of {count} slow items ran")
+    finally:
+        for worker in workers:
+            worker.stop()
+    window_end = max(start for _, start, _ in spans)
+    window = window_end - opened
+    busy = sum(max(0.0, min(end, window_end) - max(start, opened)) for _, start, end in spans)
+    idle = 1 - busy / (2 * window) if window > 0 else 0.0
+    per_worker = Counter(pid for pid, _, _ in spans)
+    bench.say(
+        f"11 idle with work: {idle:.1%} of worker-time over {window:.2f}s; "
+        f"items per worker {sorted(per_worker.values())}"
+    )
+    return [
+        Result(
+            workload="11 two one-thread workers, 0.5 s items: idle with work waiting",
+            db=bench.db,
+            figure=idle * 100,
+            unit="%",
+            target="< 10%",
+            met=None if bench.quick else idle < 0.10,
+            details={
+                "items": count,
+                "item_seconds": SlowHandler.seconds,
+                "window_seconds": window,
+                "items_per_worker": sorted(per_worker.values()),
+            },
+        )
+    ]
+
+
 WORKLOADS: dict[int, Callable[[Bench], list[Result]]] = {
     1: drain_trivial,
     2: drain_io,
@@ -1011,4 +1090,5 @@ WORKLOADS: dict[int, Callable[[Bench], list[Result]]] = {
     8: cycle_overhead,
     9: many_handlers,
     10: async_concurrency,
+    11: idle_with_work,
 }
