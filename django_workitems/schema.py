@@ -20,7 +20,7 @@ from django.db import models
 from django.db.models import Prefetch, prefetch_related_objects
 from graphene.validation import depth_limit_validator
 from graphene_django import DjangoObjectType
-from graphene_django.views import GraphQLView as _GrapheneGraphQLView
+from graphene_django_graphiql_static.views import GraphiQLOfflineView
 from graphql import ExecutionResult, GraphQLError, parse, specified_rules, validate
 
 from . import recording
@@ -431,11 +431,15 @@ class BoundedSchema(graphene.Schema):  # type: ignore[misc]
         return result
 
 
-class GraphQLView(_GrapheneGraphQLView):  # type: ignore[misc]
+class GraphQLView(GraphiQLOfflineView):  # type: ignore[misc]
     """graphene-django's view with :data:`VALIDATION_RULES`: mount this one for these types.
 
-    ``path("graphql/", GraphQLView.as_view(schema=schema))``; a project with its own view class
-    sets ``validation_rules = VALIDATION_RULES`` on it.
+    ``path("graphql/", GraphQLView.as_view(schema=schema, graphiql=True))``; a project with its
+    own view class sets ``validation_rules = VALIDATION_RULES`` on it.
+
+    GraphiQL works offline: the page is graphene-django-graphiql-static's template, which loads
+    GraphiQL, its explorer, React, whatwg-fetch and graphql-ws from that package's static files
+    instead of a CDN (add ``"graphene_django_graphiql_static"`` to ``INSTALLED_APPS``).
     """
 
     validation_rules = VALIDATION_RULES

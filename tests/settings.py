@@ -24,6 +24,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "graphene_django",
+    "graphene_django_graphiql_static",
     "django_workitems",
     "tests.testapp",
 ]

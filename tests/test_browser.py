@@ -1,4 +1,4 @@
-"""The admin in a real browser: headless Chromium (Debian's) driven by Playwright.
+"""The admin and GraphiQL in a real browser: headless Chromium (Debian's) driven by Playwright.
 
 Screenshots of every page visited are saved in ``build/screenshots/``, so anyone can look at
 what the operator sees. ``.ci/run`` installs Chromium and sets ``WORKITEMS_REQUIRE_BROWSER=1``
@@ -13,8 +13,11 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from django.contrib.auth.models import Permission
+from django.db import connections
 from django.utils import timezone
 
 import django_workitems as workitems
@@ -69,6 +72,10 @@ def page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
             yield tab
         finally:
             browser.close()
+            # The test's ORM calls ran inside Playwright's sync API, whose greenlet has its own
+            # context and so its own database connection: close it, or PostgreSQL refuses to
+            # drop the test database at the end of the session ("being accessed by other users").
+            connections.close_all()
 
 
 def history() -> None:
@@ -157,3 +164,65 @@ def test_an_operator_runs_a_handler_and_reads_a_failure(page, live_server, djang
     badge = page.locator(".workitems-status-failed").first
     assert badge.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(229, 57, 53)"
     page.screenshot(path=SCREENSHOTS / "07-handlers-dark.png", full_page=True)
+
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def test_graphiql_works_offline(page, live_server, django_user_model):
+    """GraphiQL's page needs nothing but the live server: every other request is aborted."""
+    user = django_user_model.objects.create_user("viewer", "viewer@example.com", "s3cret-pass")
+    user.is_staff = True  # to log in through the admin's login page
+    user.save()
+    user.user_permissions.add(Permission.objects.get(codename="view_handler"))
+    base = live_server.url
+
+    aborted: list[str] = []
+
+    def offline(route):
+        url = route.request.url
+        parts = urlsplit(url)
+        if parts.scheme in {"http", "https", "ws", "wss"} and parts.hostname not in LOOPBACK_HOSTS:
+            aborted.append(url)
+            route.abort("internetdisconnected")
+        else:
+            route.continue_()
+
+    page.route("**/*", offline)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+
+    page.goto(f"{base}/admin/login/?next=/graphql/")
+    page.fill("#id_username", "viewer")
+    page.fill("#id_password", "s3cret-pass")
+    page.click("input[type=submit]")
+    page.wait_for_url(f"{base}/graphql/")
+
+    editor = page.locator(".graphiql-query-editor .CodeMirror")
+    result = page.locator(".graphiql-response .CodeMirror")
+
+    def run(query: str, expected: str) -> str:
+        """Type ``query`` into GraphiQL's editor, replacing what is there, and run it."""
+        editor.click()
+        page.keyboard.press("Control+A")
+        page.keyboard.press("Delete")
+        page.keyboard.type(query)
+        page.locator(".graphiql-execute-button").click()
+        result.filter(has_text=expected).wait_for()
+        return result.inner_text()
+
+    editor.wait_for()
+    text = run("{ availableHandlers(purpose: INGESTION) }", "broken-fetch")
+    page.screenshot(path=SCREENSHOTS / "08-graphiql-offline.png", full_page=True)
+    assert '"availableHandlers"' in text
+    assert '"broken-fetch"' in text
+    assert '"jobs"' not in text  # a processing handler, not an ingestion one
+
+    # The depth limit holds for what GraphiQL sends too.
+    deep = "{ handlerRuns { handler { runs { handler { runs { handler { runs { id } } } } } } } }"
+    text = run(deep, "maximum operation depth")
+    assert "exceeds maximum operation depth" in text
+    assert '"data"' not in text
+
+    assert aborted == []
+    assert errors == []

@@ -7,7 +7,7 @@ from django_workitems.schema import GraphQLView, schema
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("graphql/", GraphQLView.as_view(schema=schema)),
+    path("graphql/", GraphQLView.as_view(schema=schema, graphiql=True)),
     path("health/", health_view),
     path("metrics/", metrics_view),
 ]

@@ -28,6 +28,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "graphene_django",
+    "graphene_django_graphiql_static",  # GraphiQL's assets, served locally (no CDN)
     "django_workitems",
     "catalog",
 ]
