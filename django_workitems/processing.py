@@ -10,7 +10,9 @@ its run (the recorder thread). Who owns what:
 - each :class:`~django_workitems.activation.Activation` owns its counts;
 - the :class:`~django_workitems.channel.FairChannel` owns what is queued and in process;
 - the :class:`~django_workitems.leases.LeaseKeeper` owns leases and the heartbeat;
-- the :class:`~django_workitems.recording.RunRecorder` owns the writing of runs.
+- the :class:`~django_workitems.recording.RunRecorder` owns the writing of runs;
+- the threads themselves (the fetch pool, what each pool thread is doing) are in
+  :mod:`django_workitems.pool`, and async items run on :mod:`django_workitems.aio`'s loop.
 
 Threads report to the coordinator only by posting events (a fetch ended, an activation went
 idle or finished) and waking it; nothing calls back into its state.
@@ -59,24 +61,28 @@ from .exceptions import Cancelled, WorkItemsError
 from .handlers import CancellationToken, call_handler, current_worker_id
 from .leases import LeaseKeeper
 from .log import log_context
+from .pool import (
+    IDLE_AFTER,
+    DurationStats,
+    EventWaker,
+    FetchJob,
+    FetchPool,
+    Slot,
+    join_all,
+)
 from .registry import Registration
 from .scheduling import Fetchable, claim_limit, plan_fetches
 
 logger = logging.getLogger("django_workitems.processing")
 
-IDLE_AFTER = 1.0
-"""Seconds without work after which a thread applies ``close_old_connections`` semantics."""
-
-FETCHER_IDLE_EXIT = 30.0
-"""Seconds a spare fetch thread waits for work before it ends."""
-
 GRACE_CAP = 30.0
 """At most this long after an item's token was cancelled for its time-out, it is given up."""
 
 FINAL_WRITES_TIMEOUT = 3.0
-# How long a stop waits for the engine's idle threads to exit and close their connections.
-JOIN_TIMEOUT = 2.0
 """After the shutdown timeout: how long the last writes (runs, leases, the worker) may take."""
+
+JOIN_TIMEOUT = 2.0
+"""How long a stop waits for the engine's idle threads to exit and close their connections."""
 
 Entry = tuple[Activation, Any]
 
@@ -144,206 +150,6 @@ class StepResult:
     """When the next fetch or item time-out falls due (monotonic), if any."""
 
 
-class FetchJob:
-    """One ``fetch_next`` call in flight; ended exactly once, by its thread or by its time-out."""
-
-    __slots__ = ("_lock", "_state", "activation", "ask", "deadline", "started")
-
-    def __init__(self, activation: Activation, ask: int, timeout: float | None) -> None:
-        self.activation = activation
-        self.ask = ask
-        self.started = time.monotonic()
-        self.deadline = None if timeout is None else self.started + timeout
-        self._lock = threading.Lock()
-        self._state = "running"
-
-    def complete(self) -> bool:
-        """The fetch returned: False when it had been given up meanwhile."""
-        with self._lock:
-            if self._state != "running":
-                return False
-            self._state = "done"
-            return True
-
-    def give_up(self) -> bool:
-        with self._lock:
-            if self._state != "running":
-                return False
-            self._state = "given up"
-            return True
-
-
-class Slot:
-    """What one pool thread is processing now; shared with the coordinator's watchdog."""
-
-    __slots__ = (
-        "_lock",
-        "activation",
-        "deadline",
-        "given_up",
-        "grace_until",
-        "item",
-        "key",
-        "started",
-        "thread",
-        "thread_name",
-        "token",
-    )
-
-    def __init__(self, thread_name: str) -> None:
-        self.thread_name = thread_name
-        self.thread: threading.Thread | None = None
-        self.activation: Activation | None = None
-        self.item: Any = None
-        self.key = ""
-        self.token: CancellationToken | None = None
-        self.started = 0.0
-        self.deadline: float | None = None
-        self.grace_until: float | None = None
-        self.given_up = False
-        self._lock = threading.Lock()
-
-    def begin(
-        self,
-        activation: Activation,
-        item: Any,
-        key: str,
-        token: CancellationToken,
-        timeout: float | None,
-    ) -> None:
-        with self._lock:
-            self.activation, self.item, self.key, self.token = activation, item, key, token
-            self.started = time.monotonic()
-            self.deadline = None if timeout is None else self.started + timeout
-            self.grace_until = None
-
-    def end(self) -> bool:
-        """The item returned; False when it had been given up (its outcome is recorded)."""
-        with self._lock:
-            if self.given_up:
-                return False
-            self.activation = None
-            self.item = None
-            self.token = None
-            return True
-
-    def give_up(self) -> tuple[Activation, Any, str, float] | None:
-        """Take the item away from this thread; None when it has just returned."""
-        with self._lock:
-            if self.given_up or self.activation is None:
-                return None
-            self.given_up = True
-            return self.activation, self.item, self.key, self.started
-
-
-class FetchPool:
-    """Threads for fetches and finishing work: one more is started whenever all are busy."""
-
-    def __init__(self, service: WorkItemProcessingService) -> None:
-        self._service = service
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0
-        self._waiting = 0
-        self._threads: set[threading.Thread] = set()
-        self._serial = 0
-        self._closed = False
-
-    def submit(self, job: Callable[[], None]) -> None:
-        with self._lock:
-            self._waiting += 1
-            spawn = self._waiting > self._idle and not self._closed
-            if spawn:
-                self._serial += 1
-                thread = threading.Thread(
-                    target=self._run, name=f"workitems-fetch-{self._serial}", daemon=True
-                )
-                self._threads.add(thread)
-        self._jobs.put(job)
-        if spawn:
-            thread.start()
-
-    def _run(self) -> None:
-        me = threading.current_thread()
-        current_worker_id.set(self._service.worker_id)
-        try:
-            while True:
-                with self._lock:
-                    self._idle += 1
-                try:
-                    try:
-                        job = self._jobs.get(timeout=IDLE_AFTER)
-                    except queue.Empty:
-                        hygiene.after_work(idle=True)
-                        try:
-                            job = self._jobs.get(timeout=FETCHER_IDLE_EXIT)
-                        except queue.Empty:
-                            return
-                finally:
-                    with self._lock:
-                        self._idle -= 1
-                if job is None:
-                    return
-                with self._lock:
-                    self._waiting -= 1
-                try:
-                    job()
-                except BaseException:
-                    logger.exception("A fetch thread's job raised")
-                finally:
-                    hygiene.after_work(idle=False)
-        finally:
-            with self._lock:
-                self._threads.discard(me)
-            hygiene.close_all()
-
-    def stop(self, timeout: float) -> None:
-        """Ask every thread to exit and wait up to ``timeout`` seconds for them to close."""
-        with self._lock:
-            self._closed = True
-            threads = list(self._threads)
-        for _ in threads:
-            self._jobs.put(None)
-        _join(threads, timeout)
-
-    def alive(self) -> int:
-        with self._lock:
-            return len(self._threads)
-
-
-class DurationStats:
-    """Recent item duration per handler (an exponential average), to size claims."""
-
-    WEIGHT = 0.2
-
-    def __init__(self) -> None:
-        self._seconds: dict[str, float] = {}
-
-    def observe(self, name: str, seconds: float) -> None:
-        # A lost update between two pool threads only makes the estimate a little staler.
-        previous = self._seconds.get(name)
-        self._seconds[name] = (
-            seconds if previous is None else previous + self.WEIGHT * (seconds - previous)
-        )
-
-    def get(self, name: str) -> float | None:
-        return self._seconds.get(name)
-
-
-class _EventWaker:
-    """Wakes a coordinator blocked in :meth:`wait` (used when no socket waker is given)."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def wake(self) -> None:
-        self._event.set()
-
-    def wait(self, timeout: float | None) -> None:
-        self._event.wait(timeout)
-        self._event.clear()
-
-
 class WorkItemProcessingService:
     """Runs activations: fetches in parallel, a fair bounded channel, a pool of threads.
 
@@ -372,7 +178,7 @@ class WorkItemProcessingService:
             f"process:{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         )
         self.token = cancel or CancellationToken()
-        self._waker = waker if waker is not None else _EventWaker()
+        self._waker = waker if waker is not None else EventWaker()
         self.channel: FairChannel[Entry] = FairChannel(self.queue_size, on_room=self._waker.wake)
         self.claims = ClaimBook()
         """The claim state of this process's ``QuerySetHandler`` activations."""
@@ -387,7 +193,7 @@ class WorkItemProcessingService:
         self.stats = DurationStats()
         self.loop = EventLoop(self.async_concurrency)
         """The event loop of this process's async items."""
-        self._fetchers = FetchPool(self)
+        self._fetchers = FetchPool(worker_id)
         self._slots: list[Slot] = []
         self._slots_lock = threading.Lock()
         self._pool_serial = 0
@@ -1147,22 +953,13 @@ class WorkItemProcessingService:
         self.keeper.stop(max(0.1, final - time.monotonic()) + 1.0)
         with self._slots_lock:
             threads = [slot.thread for slot in self._slots if not slot.given_up]
-        _join([t for t in threads if t is not None], JOIN_TIMEOUT)
+        join_all([t for t in threads if t is not None], JOIN_TIMEOUT)
         self._fetchers.stop(JOIN_TIMEOUT)
         self.loop.stop(JOIN_TIMEOUT)
 
     def _released(self, activation: Activation, items: list[Any]) -> Step:
         self._give_back(activation, items, "the worker is shutting down")
         return activation.items_released(len(items))
-
-
-def _join(threads: Iterable[threading.Thread], timeout: float) -> None:
-    """Wait for threads to end, all together at most ``timeout`` seconds (never the caller)."""
-    deadline = time.monotonic() + timeout
-    me = threading.current_thread()
-    for thread in threads:
-        if thread is not me and thread.ident is not None:
-            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _seconds(duration: Any) -> float | None:
