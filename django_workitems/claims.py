@@ -78,7 +78,8 @@ class ClaimBook:
             return True
 
     def end_sweep(self, key: str, token: uuid.UUID | None, now: float, pause: float) -> None:
-        """A sweep ended: with a row taken back (its claim ``token``) or none."""
+        """A sweep ended: with a suspect taken back (its claim ``token``) or none; the next
+        sweep may start after ``pause`` seconds (at once while a suspect is out)."""
         with self._lock:
             if token is None:
                 self._suspects.pop(key, None)
@@ -254,20 +255,24 @@ class QuerySetHandler(WorkItemHandler[M]):
         # at once again after a row was taken back (the next one is probably waiting).
         now = time.monotonic()
         if self.claims.start_sweep(key, now):
-            taken: uuid.UUID | None = None
+            suspect: uuid.UUID | None = None
+            pause = lease_timeout.total_seconds() / 4
             try:
-                rows = self._take_back_one(qs, worker_id, lease_timeout)
-                taken = rows[0].claim_token if rows else None
+                rows = self._take_back(qs, max_items, worker_id, lease_timeout)
+                if rows:
+                    pause = 0.0  # more may be waiting: look again at the next fetch
+                    if rows[0].claim_token in self._suspect_tokens:
+                        suspect = rows[0].claim_token
             finally:
-                self.claims.end_sweep(key, taken, now, lease_timeout.total_seconds() / 4)
+                self.claims.end_sweep(key, suspect, now, pause)
         if max_items > len(rows):
             try:
                 rows.extend(self._claim(qs, max_items - len(rows), worker_id))
             except DatabaseError:
                 if not rows:
                     raise
-                # The row taken back is ours now: process it rather than orphan it.
-                logger.warning("%s: claim failed after a row was taken back", key, exc_info=True)
+                # The rows taken back are ours now: process them rather than orphan them.
+                logger.warning("%s: claim failed after rows were taken back", key, exc_info=True)
         return rows
 
     def _claim(
@@ -282,10 +287,20 @@ class QuerySetHandler(WorkItemHandler[M]):
             self.claims.claim_lost(qs.model, token)
             raise
 
-    def _take_back_one(
-        self, qs: WorkItemQuerySet[M], worker_id: int | None, lease_timeout: timedelta
+    def _take_back(
+        self,
+        qs: WorkItemQuerySet[M],
+        max_items: int,
+        worker_id: int | None,
+        lease_timeout: timedelta,
     ) -> list[M]:
-        """Fail rows whose workers died too often; claim one other row of a dead worker."""
+        """Fail rows whose workers died too often; claim other rows of dead workers.
+
+        A row that could die with its worker once more and still have an attempt left is taken
+        back in a batch, and processed normally: a worker's death is not the fault of every row
+        it held. A row on its last attempt is taken back alone and runs alone (a suspect), so
+        if it kills this worker too it is failed without taking any innocent row with it.
+        """
         key = self._model_key(qs)
         failed = qs.fail_exhausted_abandoned(lease_timeout, self.max_attempts, worker_id=worker_id)
         if failed:
@@ -295,6 +310,23 @@ class QuerySetHandler(WorkItemHandler[M]):
                 failed,
                 self.max_attempts,
             )
+        # After the claim's increment, a batch row has at most max_attempts - 1 attempts.
+        last = self.max_attempts - 1
+        rows = self._claim(
+            qs,
+            max_items,
+            worker_id,
+            reclaim=True,
+            lease_timeout=lease_timeout,
+            where=Q(attempts__lt=last),
+        )
+        if rows:
+            logger.warning(
+                "%s: %d rows taken back from workers that died; processing them normally",
+                key,
+                len(rows),
+            )
+            return rows
         rows = self._claim(qs, 1, worker_id, reclaim=True, lease_timeout=lease_timeout)
         for row in rows:
             self._suspect_tokens.add(row.claim_token)

@@ -304,8 +304,11 @@ class WorkItemQuerySet(models.QuerySet[_W]):
         reclaim: bool = False,
         lease_timeout: timedelta | None = None,
         token: uuid.UUID | None = None,
+        where: Q | None = None,
     ) -> list[_W]:
-        """Claim up to ``max_items`` available rows (or, with ``reclaim``, one abandoned row).
+        """Claim up to ``max_items`` available rows (or, with ``reclaim``, abandoned ones).
+
+        ``where`` narrows the candidates further (e.g. by ``attempts``).
 
         Rows are picked with ``SELECT ... FOR UPDATE SKIP LOCKED`` where the database has it,
         and taken with a conditional UPDATE either way, so two workers never claim one row.
@@ -323,9 +326,10 @@ class WorkItemQuerySet(models.QuerySet[_W]):
             candidates = rows.abandoned(lease_timeout, worker_id=worker_id).order_by(
                 "claimed_at", "pk"
             )
-            max_items = 1
         else:
             candidates = rows.available().order_by("available_at", "pk")
+        if where is not None:
+            candidates = candidates.filter(where)
         changes = {
             "status": WorkItemModel.STATUS.processing,
             "claimed_by_id": worker_id,

@@ -150,11 +150,12 @@ def test_outcomes_are_fenced_by_the_claim_token():
 
 
 @pytest.mark.django_db
-def test_rows_of_a_dead_worker_are_taken_back_one_at_a_time_and_count_as_an_attempt():
+def test_rows_of_a_dead_worker_are_taken_back_in_a_batch_and_count_as_an_attempt():
     dead = WorkerFactory(last_heartbeat_at=timezone.now() - timedelta(minutes=5))
     alive = WorkerFactory()
     Task.objects.bulk_create([Task() for _ in range(3)])
     orphans = Task.objects.claim(3, worker_id=dead.pk)
+    Task.objects.create()  # queued: claimed after the rows taken back
     slow = Task.objects.create()
     Task.objects.filter(pk=slow.pk).update(
         status="processing", claimed_by=alive, claimed_at=timezone.now() - timedelta(hours=1)
@@ -164,20 +165,42 @@ def test_rows_of_a_dead_worker_are_taken_back_one_at_a_time_and_count_as_an_atte
     try:
         handler = TaskHandler()
         batch = handler.fetch_next(10, workitems.CancellationToken())
-        again = handler.fetch_next(10, workitems.CancellationToken())  # holds a suspect: none more
     finally:
         current_worker_id.reset(token)
 
-    assert len(batch) == 1 and again == []
-    suspect = batch[0]
-    assert suspect.pk in {t.pk for t in orphans} and handler.isolate(suspect)
-    assert (suspect.attempts, suspect.claimed_by_id) == (2, alive.pk)
+    # Their first take-back: processed normally, beside the queued row, none alone.
+    assert {t.pk for t in orphans} <= {t.pk for t in batch} and len(batch) == 4
+    assert not any(handler.isolate(t) for t in batch)
+    taken_back = [t for t in batch if t.pk in {o.pk for o in orphans}]
+    assert {(t.attempts, t.claimed_by_id) for t in taken_back} == {(2, alive.pk)}
     # The slow item of a live worker is never taken from it.
     assert Task.objects.get(pk=slow.pk).claimed_by_id == alive.pk
-    handler.process(suspect, workitems.CancellationToken())
-    handler.close()
-    assert Task.objects.get(pk=suspect.pk).status == "succeeded"
-    assert len(handler.fetch_next(10, workitems.CancellationToken())) == 1  # the next one
+
+
+@pytest.mark.django_db
+def test_a_row_on_its_last_attempt_is_taken_back_alone_and_runs_alone():
+    dead = WorkerFactory(stopped_at=timezone.now())
+    alive = WorkerFactory()
+    Task.objects.bulk_create([Task() for _ in range(3)])
+    rows = Task.objects.claim(3, worker_id=dead.pk)
+    # Its worker died with it before: one more death and it has no attempt left.
+    Task.objects.filter(pk__in=[r.pk for r in rows[:2]]).update(attempts=2)
+
+    token = current_worker_id.set(alive.pk)
+    try:
+        handler = TaskHandler()
+        first = handler.fetch_next(10, workitems.CancellationToken())
+        assert [t.pk for t in first] == [rows[2].pk] and not handler.isolate(first[0])
+        [suspect] = handler.fetch_next(10, workitems.CancellationToken())
+        assert handler.isolate(suspect) and suspect.attempts == 3
+        assert handler.fetch_next(10, workitems.CancellationToken()) == []  # one suspect at once
+        handler.process(suspect, workitems.CancellationToken())
+        handler.close()
+        assert Task.objects.get(pk=suspect.pk).status == "succeeded"
+        [after] = handler.fetch_next(10, workitems.CancellationToken())  # the next suspect
+        assert handler.isolate(after)
+    finally:
+        current_worker_id.reset(token)
 
 
 @pytest.mark.django_db
