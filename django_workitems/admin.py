@@ -1,8 +1,13 @@
-"""The operator's view: handlers and their recent runs, the run history, the workers.
+"""The operator's view: handlers and their recent runs, the run history, item failures, workers.
 
-Every changelist costs a constant number of queries: the last run and the recent runs of a
-page of handlers come from one annotation and one windowed prefetch, runs select their handler
-and worker. Backlogs run the handlers' own code, so they are read on a handler's page only.
+Every changelist costs a constant number of queries: the last run, what runs now and where, and
+the recent runs of a page of handlers come from annotations and one windowed prefetch; runs and
+failures select their handler and worker. Backlogs run the handlers' own code: the handler list
+asks each *registered* handler on the page (bounded by the code's registry, not by rows).
+
+The failure list is built for millions of rows: newest first by primary key, no sortable
+columns, an exact search on the indexed item id, a count capped with ``LIMIT``, filter choices
+from small queries.
 """
 
 from __future__ import annotations
@@ -10,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlencode
 
 from django.contrib import admin, messages
 from django.core.paginator import Paginator
-from django.db.models import Count, F, OuterRef, Prefetch, Q, QuerySet, Subquery, Window
-from django.db.models.functions import Coalesce, RowNumber
+from django.db.models import Count, OuterRef, Prefetch, Q, QuerySet, Subquery
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import reverse
@@ -638,16 +644,18 @@ class ItemFailureInline(ItemFailureInlineBase):
     readonly_fields = fields
     verbose_name_plural = format_lazy(_("item failures (the first {n})"), n=MAX_FAILURES_SHOWN)
 
-    def get_queryset(self, request: HttpRequest) -> QuerySet[ItemFailure]:
-        # The formset adds the filter on the run; numbering within each run keeps the cap
-        # correct whatever it filters on.
-        position = Window(RowNumber(), partition_by=F("run_id"), order_by=("occurred_at", "id"))
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(position=position)
-            .filter(position__lte=MAX_FAILURES_SHOWN)
+    def first_of(self, run: HandlerRun, queryset: QuerySet[ItemFailure]) -> QuerySet[ItemFailure]:
+        """The run's first ``MAX_FAILURES_SHOWN`` failures, by id (the order they were recorded).
+
+        A ``LIMIT`` on the run's index, not a sort or a numbering of all its failures: a run
+        can have a million.
+        """
+        first = list(
+            ItemFailure.objects.filter(run=run)
+            .order_by("id")
+            .values_list("id", flat=True)[:MAX_FAILURES_SHOWN]
         )
+        return queryset.filter(pk__in=first).order_by("id")
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -675,8 +683,6 @@ def traceback_details(traceback: str) -> SafeString:
 
 def failures_url(**params: object) -> str:
     """The failure list, filtered by ``params`` (already in query-string form)."""
-    from urllib.parse import urlencode
-
     url = reverse("admin:django_workitems_itemfailure_changelist")
     return f"{url}?{urlencode(params)}" if params else url
 
@@ -725,6 +731,14 @@ class HandlerRunAdmin(HandlerRunAdminBase):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[HandlerRun]:
         return super().get_queryset(request).select_related("handler", "worker")
+
+    def get_formset_kwargs(
+        self, request: HttpRequest, obj: HandlerRun, inline: Any, prefix: str
+    ) -> dict[str, Any]:
+        kwargs = super().get_formset_kwargs(request, obj, inline, prefix)
+        if isinstance(inline, ItemFailureInline) and obj is not None and obj.pk is not None:
+            kwargs["queryset"] = inline.first_of(obj, kwargs["queryset"])
+        return kwargs
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -930,7 +944,8 @@ class CappedCountPaginator(Paginator):  # type: ignore[type-arg]
 
     @property
     def capped(self) -> bool:
-        return self.count >= self.cap and self._capped_count > self.cap
+        """Whether more rows match than were counted."""
+        return self.count > 0 and self._capped_count > self.cap
 
 
 class ErrorTypeFilter(admin.SimpleListFilter):
