@@ -426,6 +426,8 @@ def test_run_filters_date_hierarchy_and_search(admin_client):
     assert ids("?q=tasks") == {b.pk}
     assert ids("?q=order-77") == {b.pk}
     assert ids("?q=order-7") == set()  # item ids match exactly
+    assert ids("?q=ORDER-77") == set()  # and case-sensitively, on the item_id index
+    assert ids("?q=TASKS") == {b.pk}  # handler names do not care about case
 
 
 def test_run_changelist_costs_the_same_queries_for_3_or_300_runs(admin_client):
