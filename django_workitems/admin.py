@@ -1,8 +1,13 @@
-"""The operator's view: handlers and their recent runs, the run history, the workers.
+"""The operator's view: handlers and their recent runs, the run history, item failures, workers.
 
-Every changelist costs a constant number of queries: the last run and the recent runs of a
-page of handlers come from one annotation and one windowed prefetch, runs select their handler
-and worker. Backlogs run the handlers' own code, so they are read on a handler's page only.
+Every changelist costs a constant number of queries: the last run, what runs now and where, and
+the recent runs of a page of handlers come from annotations and one windowed prefetch; runs and
+failures select their handler and worker. Backlogs run the handlers' own code: the handler list
+asks each *registered* handler on the page (bounded by the code's registry, not by rows).
+
+The failure list is built for millions of rows: newest first by primary key, no sortable
+columns, an exact search on the indexed item id, a count capped with ``LIMIT``, filter choices
+from small queries.
 """
 
 from __future__ import annotations
@@ -10,16 +15,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlencode
 
 from django.contrib import admin, messages
-from django.db.models import F, Prefetch, Q, QuerySet, Window
-from django.db.models.functions import RowNumber
+from django.core.paginator import Paginator
+from django.db.models import Count, OuterRef, Prefetch, Q, QuerySet, Subquery
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
-from django.utils.text import capfirst, format_lazy
+from django.utils.text import Truncator, capfirst, format_lazy
 from django.utils.timesince import timesince
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
@@ -34,8 +42,17 @@ from .schedules import local_text, next_due
 RECENT_RUNS = 20
 """How many of a handler's newest runs the success rate and the chart cover."""
 
-MAX_FAILURES_SHOWN = 100
-"""Item failures listed on a run's page; a run can fail thousands of items."""
+MAX_FAILURES_SHOWN = 20
+"""Item failures listed on a run's page; the rest are one click away in the failure list."""
+
+MAX_ERROR_TYPES_SHOWN = 50
+"""Error types in a run's failure summary; the rest are summed up in one line."""
+
+FAILURE_COUNT_CAP = 10_000
+"""The failure list counts at most this many rows: a ``COUNT(*)`` over millions would not."""
+
+ERROR_TYPE_SAMPLE = 2_000
+"""The error-type filter offers the types of this many newest failures (plus the chosen one)."""
 
 _RATED = {RunStatus.SUCCEEDED, RunStatus.PARTIAL, RunStatus.FAILED, RunStatus.ABANDONED}
 """Outcomes that count for the success rate: not running, and not cancelled by a shutdown."""
@@ -48,9 +65,11 @@ if TYPE_CHECKING:  # the admin classes are generic for type checkers only
     HandlerAdminBase = admin.ModelAdmin[Handler]
     HandlerRunAdminBase = admin.ModelAdmin[HandlerRun]
     WorkerAdminBase = admin.ModelAdmin[Worker]
+    ItemFailureAdminBase = admin.ModelAdmin[ItemFailure]
     ItemFailureInlineBase = admin.StackedInline[ItemFailure, HandlerRun]
 else:
     HandlerAdminBase = HandlerRunAdminBase = WorkerAdminBase = admin.ModelAdmin
+    ItemFailureAdminBase = admin.ModelAdmin
     ItemFailureInlineBase = admin.StackedInline
 
 
@@ -71,6 +90,13 @@ def status_badge(status: str) -> SafeString:
         label,
         status,
     )
+
+
+def timestamp(moment: datetime | None) -> SafeString:
+    """A time in lists: local, to the second, with its zone; ``-`` for none."""
+    if moment is None:
+        return _NOTHING
+    return format_html('<span class="workitems-time">{}</span>', local_text(moment))
 
 
 def ago(moment: datetime) -> str:
@@ -97,9 +123,21 @@ def format_duration(duration: timedelta | None) -> str:
 
 
 def success_rate(runs: Sequence[HandlerRun]) -> tuple[int, int]:
-    """(succeeded, rated) over ``runs``: partial, failed and abandoned runs count against."""
+    """(succeeded, rated) runs over ``runs``: partial, failed and abandoned runs count against."""
     rated = [run for run in runs if run.status in _RATED]
     return sum(run.status == RunStatus.SUCCEEDED for run in rated), len(rated)
+
+
+def item_success_rate(runs: Sequence[HandlerRun]) -> tuple[int, int, int]:
+    """(items succeeded, items processed, failed fetches) over the finished runs in ``runs``.
+
+    Items-based, so a partial run counts for what it did: 999 of 1000 items is not a failure.
+    A run whose fetch failed processed no items; it is counted apart so it does not vanish.
+    """
+    rated = [run for run in runs if run.status in _RATED]
+    succeeded = sum(run.items_succeeded for run in rated)
+    processed = succeeded + sum(run.items_failed for run in rated)
+    return succeeded, processed, sum(run.status == RunStatus.FAILED for run in rated)
 
 
 def recent_runs_chart(runs: Sequence[HandlerRun], *, bar: int = 5, height: int = 24) -> SafeString:
@@ -178,6 +216,8 @@ class HandlerAdmin(HandlerAdminBase):
         "last_run",
         "recent_success_rate",
         "recent_runs",
+        "running_now",
+        "backlog_summary",
     )
     list_display_links = ("display_name",)
     list_filter = ("purpose", "is_enabled", "is_registered")
@@ -203,6 +243,7 @@ class HandlerAdmin(HandlerAdminBase):
             {
                 "fields": (
                     "last_run",
+                    "running_now",
                     "recent_success_rate",
                     "recent_runs_large",
                     "backlog",
@@ -230,6 +271,7 @@ class HandlerAdmin(HandlerAdminBase):
         "next_due",
         "effective_settings",
         "last_run",
+        "running_now",
         "recent_success_rate",
         "recent_runs_large",
         "backlog",
@@ -259,8 +301,28 @@ class HandlerAdmin(HandlerAdminBase):
             "items_failed",
         ).order_by("-started_at", "-id")[:RECENT_RUNS]
         handlers = cast(HandlerQuerySet, super().get_queryset(request))
-        return handlers.with_last_run().prefetch_related(
-            Prefetch("runs", queryset=recent, to_attr="recent_run_list")
+        # "Running now and where": the newest running run and its worker, as subqueries, so the
+        # list stays one query for the page whatever the number of handlers.
+        running = HandlerRun.objects.filter(
+            handler=OuterRef("pk"), status=RunStatus.RUNNING
+        ).order_by("-started_at", "-id")
+        running_count = (
+            HandlerRun.objects.filter(handler=OuterRef("pk"), status=RunStatus.RUNNING)
+            .order_by()
+            .values("handler")
+            .annotate(n=Count("id"))
+            .values("n")
+        )
+        return (
+            handlers.with_last_run()
+            .annotate(
+                running_run_id=Subquery(running.values("id")[:1]),
+                running_started_at=Subquery(running.values("started_at")[:1]),
+                running_hostname=Subquery(running.values("worker__hostname")[:1]),
+                running_pid=Subquery(running.values("worker__pid")[:1]),
+                running_count=Coalesce(Subquery(running_count), 0),
+            )
+            .prefetch_related(Prefetch("runs", queryset=recent, to_attr="recent_run_list"))
         )
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -307,18 +369,91 @@ class HandlerAdmin(HandlerAdminBase):
             ago(run.started_at),
         )
 
-    @admin.display(description=_("success"))
+    @admin.display(description=format_lazy(_("items succeeded (last {n} runs)"), n=RECENT_RUNS))
     def recent_success_rate(self, obj: Handler) -> SafeString:
-        succeeded, rated = success_rate(self._recent(obj))
-        if not rated:
-            return _NOTHING
-        rate = 100 * succeeded // rated
+        succeeded, processed, failed_fetches = item_success_rate(self._recent(obj))
+        fetches = (
+            format_html(
+                ' <span class="workitems-rate workitems-rate-bad">{}</span>',
+                ngettext("%(n)d fetch failed", "%(n)d fetches failed", failed_fetches)
+                % {"n": failed_fetches},
+            )
+            if failed_fetches
+            else ""
+        )
+        if not processed:
+            return format_html("{}", fetches) if fetches else _NOTHING
+        rate = 100 * succeeded // processed
         level = "good" if rate >= 90 else "warn" if rate >= 50 else "bad"
         return format_html(
-            '<span class="workitems-rate workitems-rate-{}" title="{}">{}%</span>',
+            '<span class="workitems-rate workitems-rate-{}" title="{}">{}%</span>{}',
             level,
-            _("%(ok)d of the last %(n)d finished runs succeeded") % {"ok": succeeded, "n": rated},
+            _("%(ok)d of the %(n)d items processed by the last %(runs)d runs succeeded")
+            % {"ok": succeeded, "n": processed, "runs": RECENT_RUNS},
             rate,
+            fetches,
+        )
+
+    @admin.display(description=_("running now"))
+    def running_now(self, obj: Handler) -> SafeString:
+        run_id = getattr(obj, "running_run_id", None)
+        if run_id is None:
+            if hasattr(obj, "running_run_id"):
+                return _NOTHING
+            # Not fetched through get_queryset(): one query for this handler.
+            run = obj.runs.filter(status=RunStatus.RUNNING).select_related("worker").first()
+            if run is None:
+                return _NOTHING
+            run_id, started_at, count = run.pk, run.started_at, 1
+            where = f"{run.worker.hostname}:{run.worker.pid}" if run.worker else None
+        else:
+            row: Any = obj  # the annotations of get_queryset()
+            started_at, count = row.running_started_at, row.running_count
+            where = f"{row.running_hostname}:{row.running_pid}" if row.running_hostname else None
+        url = reverse("admin:django_workitems_handlerrun_change", args=[run_id])
+        text = format_html(
+            '<a class="workitems-running" href="{}" title="{}">{} {}</a>',
+            url,
+            local_text(started_at),
+            status_badge(RunStatus.RUNNING),
+            _("on %(where)s") % {"where": where} if where else _("on no recorded worker"),
+        )
+        if count > 1:
+            text = format_html(
+                '{} <a href="{}?handler__id__exact={}&amp;status__exact=running">{}</a>',
+                text,
+                reverse("admin:django_workitems_handlerrun_changelist"),
+                obj.pk,
+                _("and %(n)d more") % {"n": count - 1},
+            )
+        return text
+
+    @admin.display(description=_("backlog"))
+    def backlog_summary(self, obj: Handler) -> SafeString:
+        """The backlog in the list: one call of the handler's code per *registered* handler.
+
+        Unregistered rows cost nothing, so the calls are bounded by the code's registry, not
+        by the rows in the table, and the page shows at most ``list_per_page`` handlers.
+        """
+        if not obj.is_registered:
+            return _NOTHING
+        backlog = handler_backlog(obj.name)
+        if not backlog.registered:
+            return _NOTHING
+        if backlog.error:
+            return format_html(
+                '<span class="workitems-status workitems-status-failed" title="{}">{}</span>',
+                backlog.error,
+                _("error"),
+            )
+        if backlog.count is None:
+            return _NOTHING
+        if backlog.oldest_waiting is None:
+            return format_html("{}", backlog.count)
+        return format_html(
+            '<span title="{}">{}</span>',
+            _("the oldest waiting since %(time)s") % {"time": local_text(backlog.oldest_waiting)},
+            backlog.count,
         )
 
     @admin.display(description=_("recent runs"))
@@ -471,6 +606,16 @@ class HandlerAdmin(HandlerAdminBase):
                 _("Asked the workers to run now: %(names)s.") % {"names": ", ".join(requested)},
                 messages.SUCCESS,
             )
+            if not Worker.objects.alive(app_settings.lease_timeout).exists():
+                self.message_user(
+                    request,
+                    _(
+                        "No worker is alive (none heartbeated within %(timeout)s), so the "
+                        "request waits: it runs when a worker starts."
+                    )
+                    % {"timeout": app_settings.lease_timeout},
+                    messages.WARNING,
+                )
         if disabled:
             self.message_user(
                 request,
@@ -499,16 +644,18 @@ class ItemFailureInline(ItemFailureInlineBase):
     readonly_fields = fields
     verbose_name_plural = format_lazy(_("item failures (the first {n})"), n=MAX_FAILURES_SHOWN)
 
-    def get_queryset(self, request: HttpRequest) -> QuerySet[ItemFailure]:
-        # The formset adds the filter on the run; numbering within each run keeps the cap
-        # correct whatever it filters on.
-        position = Window(RowNumber(), partition_by=F("run_id"), order_by=("occurred_at", "id"))
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(position=position)
-            .filter(position__lte=MAX_FAILURES_SHOWN)
+    def first_of(self, run: HandlerRun, queryset: QuerySet[ItemFailure]) -> QuerySet[ItemFailure]:
+        """The run's first ``MAX_FAILURES_SHOWN`` failures, by id (the order they were recorded).
+
+        A ``LIMIT`` on the run's index, not a sort or a numbering of all its failures: a run
+        can have a million.
+        """
+        first = list(
+            ItemFailure.objects.filter(run=run)
+            .order_by("id")
+            .values_list("id", flat=True)[:MAX_FAILURES_SHOWN]
         )
+        return queryset.filter(pk__in=first).order_by("id")
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -518,7 +665,26 @@ class ItemFailureInline(ItemFailureInlineBase):
 
     @admin.display(description=_("traceback"))
     def traceback_block(self, obj: ItemFailure) -> SafeString:
-        return format_html('<pre class="workitems-traceback">{}</pre>', obj.traceback)
+        return traceback_details(obj.traceback)
+
+
+def traceback_details(traceback: str) -> SafeString:
+    """A traceback, collapsed until opened."""
+    if not traceback:
+        return _NOTHING
+    last = traceback.rstrip().rsplit("\n", 1)[-1]
+    return format_html(
+        '<details class="workitems-details"><summary>{}</summary>'
+        '<pre class="workitems-traceback">{}</pre></details>',
+        Truncator(last).chars(120),
+        traceback,
+    )
+
+
+def failures_url(**params: object) -> str:
+    """The failure list, filtered by ``params`` (already in query-string form)."""
+    url = reverse("admin:django_workitems_itemfailure_changelist")
+    return f"{url}?{urlencode(params)}" if params else url
 
 
 @admin.register(HandlerRun)
@@ -529,7 +695,8 @@ class HandlerRunAdmin(HandlerRunAdminBase):
         "run",
         "handler",
         "coloured_status",
-        "started_at",
+        "started",
+        "finished",
         "duration",
         "fetched",
         "succeeded",
@@ -540,7 +707,7 @@ class HandlerRunAdmin(HandlerRunAdminBase):
     list_select_related = ("handler", "worker")
     list_filter = ("status", "handler")
     date_hierarchy = "started_at"
-    search_fields = ("handler__name", "=failures__item_id")
+    search_fields = ("handler__name", "=failures__item_id")  # see get_search_results
     search_help_text = _("Handler name, or the exact id of a failed item.")
     ordering = ("-started_at", "-id")
     fields = (
@@ -553,6 +720,7 @@ class HandlerRunAdmin(HandlerRunAdminBase):
         "items_fetched",
         "items_succeeded",
         "items_failed",
+        "failure_summary",
         "error_block",
     )
     readonly_fields = fields
@@ -563,6 +731,25 @@ class HandlerRunAdmin(HandlerRunAdminBase):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[HandlerRun]:
         return super().get_queryset(request).select_related("handler", "worker")
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[HandlerRun], search_term: str
+    ) -> tuple[QuerySet[HandlerRun], bool]:
+        # "=failures__item_id" would be iexact through a join: no index on PostgreSQL. The
+        # exact id goes to the item_id index in a subquery, which also needs no DISTINCT.
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        failed = ItemFailure.objects.filter(item_id=term).values("run_id")
+        return queryset.filter(Q(handler__name__icontains=term) | Q(pk__in=failed)), False
+
+    def get_formset_kwargs(
+        self, request: HttpRequest, obj: HandlerRun, inline: Any, prefix: str
+    ) -> dict[str, Any]:
+        kwargs = super().get_formset_kwargs(request, obj, inline, prefix)
+        if isinstance(inline, ItemFailureInline) and obj is not None and obj.pk is not None:
+            kwargs["queryset"] = inline.first_of(obj, kwargs["queryset"])
+        return kwargs
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -576,6 +763,48 @@ class HandlerRunAdmin(HandlerRunAdminBase):
     @admin.display(description=_("run"), ordering="-id")
     def run(self, obj: HandlerRun) -> str:
         return f"#{obj.pk}"
+
+    @admin.display(description=_("started"), ordering="started_at")
+    def started(self, obj: HandlerRun) -> SafeString:
+        return timestamp(obj.started_at)
+
+    @admin.display(description=_("finished"))
+    def finished(self, obj: HandlerRun) -> SafeString:
+        return timestamp(obj.finished_at)
+
+    @admin.display(description=_("failures by error type"))
+    def failure_summary(self, obj: HandlerRun) -> SafeString:
+        """Counts per error type (one grouped query on the run's index), each a link."""
+        counts = list(
+            obj.failures.order_by()
+            .values("error_type")
+            .annotate(n=Count("id"))
+            .order_by("-n", "error_type")[: MAX_ERROR_TYPES_SHOWN + 1]
+        )
+        if not counts:
+            return _NOTHING
+        rows = [
+            (
+                failures_url(run__id__exact=obj.pk, error_type=c["error_type"]),
+                c["n"],
+                c["error_type"],
+            )
+            for c in counts[:MAX_ERROR_TYPES_SHOWN]
+        ]
+        more = (
+            format_html(
+                '<li class="workitems-muted">{}</li>', _("more error types in the full list")
+            )
+            if len(counts) > MAX_ERROR_TYPES_SHOWN
+            else ""
+        )
+        return format_html(
+            '<ul class="workitems-failure-summary">{}{}</ul><p><a href="{}">{}</a></p>',
+            format_html_join("", '<li><a href="{}">{} &times; <code>{}</code></a></li>', rows),
+            more,
+            failures_url(run__id__exact=obj.pk),
+            _("All failures of this run"),
+        )
 
     @admin.display(description=_("fetched"), ordering="items_fetched")
     def fetched(self, obj: HandlerRun) -> int:
@@ -657,7 +886,7 @@ class WorkerStateFilter(admin.SimpleListFilter):
 class WorkerAdmin(WorkerAdminBase):
     """``runworkitems`` processes: alive while they heartbeat within ``LEASE_TIMEOUT``."""
 
-    list_display = ("__str__", "started_at", "last_heartbeat_at", "state", "stopped_at")
+    list_display = ("__str__", "started", "last_heartbeat", "state", "stopped")
     list_filter = (WorkerStateFilter,)
     search_fields = ("hostname", "=pid")
     date_hierarchy = "started_at"
@@ -676,6 +905,18 @@ class WorkerAdmin(WorkerAdminBase):
     def has_delete_permission(self, request: HttpRequest, obj: Worker | None = None) -> bool:
         return bool(request.user.is_superuser)
 
+    @admin.display(description=_("started"), ordering="started_at")
+    def started(self, obj: Worker) -> SafeString:
+        return timestamp(obj.started_at)
+
+    @admin.display(description=_("last heartbeat"), ordering="last_heartbeat_at")
+    def last_heartbeat(self, obj: Worker) -> SafeString:
+        return timestamp(obj.last_heartbeat_at)
+
+    @admin.display(description=_("stopped"), ordering="stopped_at")
+    def stopped(self, obj: Worker) -> SafeString:
+        return timestamp(obj.stopped_at)
+
     @admin.display(description=_("state"))
     def state(self, obj: Worker) -> SafeString:
         if obj.stopped_at is not None:
@@ -692,3 +933,159 @@ class WorkerAdmin(WorkerAdminBase):
             capfirst(_("last heartbeat %(ago)s") % {"ago": ago(obj.last_heartbeat_at)}),
             _("stale"),
         )
+
+
+# Item failures ---------------------------------------------------------------------------
+
+
+class CappedCountPaginator(Paginator):  # type: ignore[type-arg]
+    """Counts at most ``FAILURE_COUNT_CAP`` rows: ``COUNT(*)`` over a ``LIMIT``, never the table.
+
+    Pages beyond the cap are not reachable; the list says so and the filters narrow it.
+    """
+
+    cap = FAILURE_COUNT_CAP
+
+    @property
+    def count(self) -> int:
+        if not hasattr(self, "_capped_count"):
+            object_list = cast(QuerySet[Any], self.object_list)
+            self._capped_count = object_list[: self.cap + 1].count()
+        return min(self._capped_count, self.cap)
+
+    @property
+    def capped(self) -> bool:
+        """Whether more rows match than were counted."""
+        return self.count > 0 and self._capped_count > self.cap
+
+
+class ErrorTypeFilter(admin.SimpleListFilter):
+    """Error types seen among the newest failures: no ``DISTINCT`` over the whole table."""
+
+    title = _("error type")
+    parameter_name = "error_type"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        recent = ItemFailure.objects.order_by("-id").values_list("error_type", flat=True)
+        types = set(recent[:ERROR_TYPE_SAMPLE])
+        if self.value():
+            types.add(str(self.value()))
+        return [(t, t) for t in sorted(types)]
+
+    def queryset(
+        self, request: HttpRequest, queryset: QuerySet[ItemFailure]
+    ) -> QuerySet[ItemFailure]:
+        if self.value():
+            return queryset.filter(error_type=self.value())
+        return queryset
+
+
+@admin.register(ItemFailure)
+class ItemFailureAdmin(ItemFailureAdminBase):
+    """Every failed item, newest first; read-only, and cheap on a table of millions.
+
+    Newest first is the primary key's order (no index on ``occurred_at`` is needed), no column
+    sorts, the count is capped (``CappedCountPaginator``), search is an exact match on the
+    indexed ``item_id``, and the filter choices come from small queries.
+    """
+
+    list_display = (
+        "occurred",
+        "handler",
+        "item",
+        "error_type",
+        "short_message",
+        "run_link",
+    )
+    list_display_links = ("item",)
+    list_select_related = ("run__handler",)
+    list_filter = (
+        "run__handler",  # every handler: a small table, unlike the failures
+        ErrorTypeFilter,
+        ("occurred_at", admin.DateFieldListFilter),
+    )
+    search_fields = ("item_id",)  # see get_search_results: exact, on the index
+    search_help_text = _("The exact id of an item.")
+    ordering = ("-id",)
+    sortable_by = ()
+    show_full_result_count = False
+    paginator = CappedCountPaginator
+    fields = (
+        "run_link",
+        "handler",
+        "item_id",
+        "error_type",
+        "occurred",
+        "message_block",
+        "traceback_block",
+    )
+    readonly_fields = fields
+
+    class Media:
+        css = CSS
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ItemFailure]:
+        return super().get_queryset(request).select_related("run__handler")
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[ItemFailure], search_term: str
+    ) -> tuple[QuerySet[ItemFailure], bool]:
+        # The admin's "=item_id" is iexact, which PostgreSQL cannot answer from the index.
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return queryset.filter(item_id=term), False
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> Any:
+        response = super().changelist_view(request, extra_context)
+        if isinstance(response, TemplateResponse) and response.context_data:
+            cl = response.context_data.get("cl")
+            paginator = getattr(cl, "paginator", None)
+            if isinstance(paginator, CappedCountPaginator) and paginator.capped:
+                response.context_data["subtitle"] = _(
+                    "More than %(n)d failures match; the newest are listed. "
+                    "Filter by handler, error type or date to see older ones."
+                ) % {"n": paginator.cap}
+        return response
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: ItemFailure | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: ItemFailure | None = None) -> bool:
+        return bool(request.user.is_superuser)  # as for runs
+
+    @admin.display(description=_("occurred at"))
+    def occurred(self, obj: ItemFailure) -> SafeString:
+        return timestamp(obj.occurred_at)
+
+    @admin.display(description=_("handler"))
+    def handler(self, obj: ItemFailure) -> SafeString:
+        handler = obj.run.handler
+        return format_html('<a href="{}">{}</a>', _change_url(handler), handler.name)
+
+    @admin.display(description=_("item id"))
+    def item(self, obj: ItemFailure) -> str:
+        return obj.item_id
+
+    @admin.display(description=_("message"))
+    def short_message(self, obj: ItemFailure) -> str:
+        return Truncator(obj.message.replace("\n", " ")).chars(100)
+
+    @admin.display(description=_("run"))
+    def run_link(self, obj: ItemFailure) -> SafeString:
+        return format_html('<a href="{}">#{}</a>', _change_url(obj.run), obj.run_id)
+
+    @admin.display(description=_("message"))
+    def message_block(self, obj: ItemFailure) -> SafeString:
+        if not obj.message:
+            return _NOTHING
+        return format_html('<pre class="workitems-message">{}</pre>', obj.message)
+
+    @admin.display(description=_("traceback"))
+    def traceback_block(self, obj: ItemFailure) -> SafeString:
+        return traceback_details(obj.traceback)

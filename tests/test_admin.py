@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from urllib.parse import urlencode
 
 import pytest
 from django.contrib.admin.models import LogEntry
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.django_db
 HANDLERS = reverse("admin:django_workitems_handler_changelist")
 RUNS = reverse("admin:django_workitems_handlerrun_changelist")
 WORKERS = reverse("admin:django_workitems_worker_changelist")
+FAILURES = reverse("admin:django_workitems_itemfailure_changelist")
 
 
 def handler_url(handler: Handler) -> str:
@@ -70,7 +72,13 @@ def test_handler_list_shows_last_run_success_rate_and_chart(admin_client):
     jobs = synced()["jobs"]
     base = timezone.now() - timedelta(hours=1)
     for i, status in enumerate([RunStatus.SUCCEEDED, RunStatus.SUCCEEDED, RunStatus.PARTIAL]):
-        HandlerRunFactory(handler=jobs, status=status, started_at=base + timedelta(minutes=i))
+        HandlerRunFactory(
+            handler=jobs,
+            status=status,
+            started_at=base + timedelta(minutes=i),
+            items_succeeded=3 if status == RunStatus.SUCCEEDED else 2,
+            items_failed=0 if status == RunStatus.SUCCEEDED else 2,
+        )
     newest = HandlerRunFactory(
         handler=jobs,
         status=RunStatus.FAILED,
@@ -78,14 +86,20 @@ def test_handler_list_shows_last_run_success_rate_and_chart(admin_client):
         items_fetched=0,
         items_succeeded=0,
     )
-    HandlerRunFactory(handler=jobs, status=RunStatus.CANCELLED, started_at=base)  # not rated
+    HandlerRunFactory(
+        handler=jobs, status=RunStatus.CANCELLED, started_at=base, items_failed=50
+    )  # not rated
 
     page = admin_client.get(HANDLERS).content.decode()
 
     row = _row(page, ">jobs</a>")
     assert f'href="{run_url(newest)}"' in row
     assert "workitems-status-failed" in row and "ago" in row
-    assert ">50%<" in row  # 2 of the 4 rated runs succeeded; the cancelled one is not rated
+    # Items-based: 3 + 3 + 2 of 3 + 3 + 4 items; the partial run counts for what it did, the
+    # failed fetch is shown apart, the cancelled run is not rated.
+    assert ">80%<" in row
+    assert "1 fetch failed" in row
+    assert "Items succeeded (last 20 runs)" in page
     assert row.count("<rect") == 5 * 3 and "<svg" in row
     assert 'aria-label="Last 5 runs: 2 of 4 succeeded"' in row
     assert "django_workitems/admin.css" in page
@@ -147,10 +161,18 @@ def test_handler_changelist_costs_the_same_queries_for_3_or_300_handlers(admin_c
             for h in handlers
             for j, status in enumerate([RunStatus.PARTIAL, RunStatus.SUCCEEDED, RunStatus.FAILED])
         )
+        HandlerRun.objects.bulk_create(  # every handler is running now, twice
+            HandlerRun(handler=h, worker=worker, status=RunStatus.RUNNING, started_at=now)
+            for h in handlers
+            for _ in range(2)
+        )
         with CaptureQueriesContext(connection) as ctx:
             response = admin_client.get(HANDLERS)
         assert response.status_code == 200
-        assert response.content.decode().count('class="workitems-chart"') == min(count, 100)
+        page = response.content.decode()
+        assert page.count('class="workitems-chart"') == min(count, 100)
+        assert page.count("on h:1</a>") == min(count, 100)
+        assert page.count(">and 1 more</a>") == min(count, 100)
         return len(ctx.captured_queries)
 
     assert make(3) == make(300)
@@ -208,6 +230,33 @@ def test_handlers_are_neither_added_nor_deleted_while_registered(admin_client):
     assert 'value="delete_selected"' not in admin_client.get(HANDLERS).content.decode()
 
 
+def test_handler_list_shows_what_is_running_now_and_where_and_the_backlog(admin_client):
+    handlers = synced()
+    worker = WorkerFactory(hostname="box-3", pid=77)
+    started = timezone.now() - timedelta(minutes=3)
+    running = HandlerRunFactory(
+        handler=handlers["jobs"], status=RunStatus.RUNNING, worker=worker, started_at=started
+    )
+    HandlerRunFactory(handler=handlers["slow-jobs"], status=RunStatus.SUCCEEDED)
+    Task.objects.bulk_create([Task(), Task(), Task(status="succeeded")])
+
+    page = admin_client.get(HANDLERS).content.decode()
+
+    jobs = _row(page, ">jobs</a>")
+    assert f'href="{run_url(running)}"' in jobs and "on box-3:77</a>" in jobs
+    assert f'title="{started:%Y-%m-%d %H:%M:%S} UTC"' in jobs
+    assert "workitems-status-running" in jobs
+    assert "on box-" not in _row(page, ">slow-jobs</a>")  # finished: not running
+    assert re.search(
+        r'class="field-backlog_summary"><span title="the oldest waiting since '
+        r'[-\d]+ [:\d]+ UTC">2</span>',
+        _row(page, ">tasks</a>"),
+    )
+
+    detail = admin_client.get(handler_url(handlers["jobs"])).content.decode()
+    assert "on box-3:77</a>" in detail
+
+
 # Actions ---------------------------------------------------------------------------------
 
 
@@ -257,6 +306,22 @@ def test_run_now_takes_the_notify_path(admin_client, monkeypatch):
     requested = dict(Handler.objects.values_list("name", "run_requested_at"))
     assert requested["jobs"] is not None and requested["slow-jobs"] is not None
     assert requested["tasks"] is None
+
+
+def test_run_now_warns_when_no_live_worker_will_see_the_request(admin_client):
+    handlers = synced()
+    WorkerFactory(hostname="stale", last_heartbeat_at=timezone.now() - timedelta(hours=1))
+    WorkerFactory(hostname="stopped", stopped_at=timezone.now())
+
+    page = _action(admin_client, "run_now", handlers["jobs"]).content.decode()
+    assert "Asked the workers to run now: jobs." in page
+    assert "No worker is alive" in page and "it runs when a worker starts" in page
+    assert re.search(r'class="warning"[^>]*>No worker is alive', page)
+
+    WorkerFactory(hostname="alive")
+    page = _action(admin_client, "run_now", handlers["jobs"]).content.decode()
+    assert "Asked the workers to run now: jobs." in page
+    assert "No worker is alive" not in page
 
 
 def test_run_now_refuses_a_handler_the_code_no_longer_registers(admin_client):
@@ -361,6 +426,8 @@ def test_run_filters_date_hierarchy_and_search(admin_client):
     assert ids("?q=tasks") == {b.pk}
     assert ids("?q=order-77") == {b.pk}
     assert ids("?q=order-7") == set()  # item ids match exactly
+    assert ids("?q=ORDER-77") == set()  # and case-sensitively, on the item_id index
+    assert ids("?q=TASKS") == {b.pk}  # handler names do not care about case
 
 
 def test_run_changelist_costs_the_same_queries_for_3_or_300_runs(admin_client):
@@ -411,25 +478,183 @@ def test_run_page_lists_its_failures_with_escaped_tracebacks_read_only(admin_cli
     assert admin_client.post(run_url(run), {"_save": "Save"}).status_code == 403
 
 
-def test_a_run_page_lists_at_most_100_failures(admin_client):
-    run = HandlerRunFactory(status=RunStatus.PARTIAL, items_failed=105)
+def test_a_run_page_lists_20_failures_and_sums_up_the_rest_by_error_type(admin_client):
+    run = HandlerRunFactory(status=RunStatus.PARTIAL, items_failed=500)
     now = timezone.now()
     ItemFailure.objects.bulk_create(
         ItemFailure(
             run=run,
             item_id=f"item-{i:03d}",
-            error_type="builtins.ValueError",
+            error_type="builtins.ValueError" if i % 5 else "myapp.errors.Timeout<x>",
             occurred_at=now + timedelta(seconds=i),
+            traceback=f"Traceback\nValueError: number {i}",
         )
-        for i in range(105)
+        for i in range(500)
     )
-    other = ItemFailureFactory(item_id="elsewhere")  # another run's failure
+    other = ItemFailureFactory(item_id="elsewhere", error_type="other.Error")  # another run's
 
     page = admin_client.get(run_url(run)).content.decode()
 
     shown = set(re.findall(r"item-\d{3}", page))
-    assert len(shown) == 100 and "item-000" in shown and "item-104" not in shown
-    assert other.item_id not in page
+    assert len(shown) == 20 and "item-000" in shown and "item-020" not in shown
+    assert other.item_id not in page and "other.Error" not in page
+    assert "Item failures (the first 20)" in page
+    # The summary: counts per error type, most frequent first, each linking to the failure
+    # list filtered to this run and that type.
+    values = f"{FAILURES}?run__id__exact={run.pk}&amp;error_type=builtins.ValueError"
+    timeouts = f"{FAILURES}?run__id__exact={run.pk}&amp;error_type=myapp.errors.Timeout%3Cx%3E"
+    assert page.index(f'<a href="{values}">400 &times;') < page.index(
+        f'<a href="{timeouts}">100 &times; <code>myapp.errors.Timeout&lt;x&gt;</code>'
+    )
+    assert f'href="{FAILURES}?run__id__exact={run.pk}">All failures of this run' in page
+    # Tracebacks are collapsed until opened.
+    assert re.search(
+        r'<details class="workitems-details"><summary>ValueError: number 0</summary>'
+        r'<pre class="workitems-traceback">Traceback\nValueError: number 0</pre></details>',
+        page,
+    )
+
+    # The links work: the filtered list shows that run's failures of that type only.
+    listed = admin_client.get(values.replace("&amp;", "&")).content.decode()
+    assert ">item-499<" in listed and ">item-498<" in listed  # newest first
+    assert ">item-495<" not in listed and "elsewhere" not in listed
+
+
+def test_run_list_shows_start_and_finish_to_the_second_with_the_zone(admin_client):
+    start = timezone.now().replace(microsecond=0) - timedelta(hours=1)
+    run = HandlerRunFactory(started_at=start, finished_at=start + timedelta(seconds=7))
+    running = HandlerRunFactory(status=RunStatus.RUNNING, started_at=start)
+
+    page = admin_client.get(RUNS).content.decode()
+
+    row = _row(page, f">#{run.pk}<")
+    assert f"{start:%Y-%m-%d %H:%M:%S} UTC" in row
+    assert f"{start + timedelta(seconds=7):%Y-%m-%d %H:%M:%S} UTC" in row
+    assert re.search(
+        r'class="field-finished"><span class="workitems-muted">-', _row(page, f">#{running.pk}<")
+    )
+
+
+# Item failures ---------------------------------------------------------------------------
+
+
+def test_failure_list_shows_time_handler_item_error_message_and_run(admin_client):
+    jobs = synced()["jobs"]
+    moment = timezone.now().replace(microsecond=0) - timedelta(minutes=5)
+    failure = ItemFailureFactory(
+        run__handler=jobs,
+        item_id="order-42",
+        error_type="builtins.KeyError",
+        message="x" * 300,
+        occurred_at=moment,
+    )
+
+    page = admin_client.get(FAILURES).content.decode()
+
+    row = _row(page, "order-42")
+    assert f"{moment:%Y-%m-%d %H:%M:%S} UTC" in row
+    assert f'href="{handler_url(jobs)}">jobs</a>' in row
+    assert "builtins.KeyError" in row
+    assert "x" * 99 + "…" in row and "x" * 101 not in row  # truncated
+    assert f'href="{run_url(failure.run)}">#{failure.run.pk}</a>' in row
+    # Nothing sorts but the default (newest first on the primary key).
+    assert "sortable" not in page.split('id="result_list"')[1].split("</thead>")[0]
+
+
+def test_failure_filters_and_search(admin_client):
+    handlers = synced()
+    old = timezone.now() - timedelta(days=40)
+    a = ItemFailureFactory(run__handler=handlers["jobs"], item_id="a-1", error_type="x.A")
+    b = ItemFailureFactory(run__handler=handlers["tasks"], item_id="a-12", error_type="x.B")
+    c = ItemFailureFactory(
+        run__handler=handlers["jobs"], item_id="c-3", error_type="x.B", occurred_at=old
+    )
+
+    def items(query: str) -> set[str]:
+        page = admin_client.get(FAILURES + query).content.decode()
+        return {f.item_id for f in (a, b, c) if f">{f.item_id}<" in page}
+
+    assert items("") == {"a-1", "a-12", "c-3"}
+    assert items(f"?run__handler__id__exact={handlers['jobs'].pk}") == {"a-1", "c-3"}
+    assert items("?error_type=x.B") == {"a-12", "c-3"}
+    assert items(f"?run__id__exact={b.run.pk}") == {"a-12"}
+    since = timezone.now() - timedelta(days=7)
+    assert items("?" + urlencode({"occurred_at__gte": str(since)})) == {"a-1", "a-12"}
+    assert items("?q=a-1") == {"a-1"}  # exact: not a-12
+    assert items("?q=+c-3+") == {"c-3"}
+    assert items("?q=A-1") == set()  # exact, on the index: not case-folded
+
+    page = admin_client.get(FAILURES).content.decode()
+    assert "?error_type=x.A" in page and "?error_type=x.B" in page  # the filter's choices
+    assert "Past 7 days" in page
+
+
+def test_failure_page_collapses_the_traceback_and_is_read_only(admin_client, operator):
+    failure = ItemFailureFactory(
+        message="bad <item>", traceback="Traceback\n  File <x>\nValueError: bad <item>\n"
+    )
+    url = reverse("admin:django_workitems_itemfailure_change", args=[failure.pk])
+
+    page = admin_client.get(url).content.decode()
+    assert (
+        '<details class="workitems-details"><summary>ValueError: bad &lt;item&gt;</summary>'
+        '<pre class="workitems-traceback">Traceback\n  File &lt;x&gt;\nValueError: bad '
+        "&lt;item&gt;\n</pre></details>"
+    ) in page
+    assert 'name="_save"' not in page
+    assert admin_client.post(url, {"_save": "Save"}).status_code == 403
+    assert admin_client.get(reverse("admin:django_workitems_itemfailure_add")).status_code == 403
+
+    delete = reverse("admin:django_workitems_itemfailure_delete", args=[failure.pk])
+    assert operator.post(delete, {"post": "yes"}).status_code == 403
+    assert ItemFailure.objects.filter(pk=failure.pk).exists()
+    assert admin_client.post(delete, {"post": "yes"}).status_code == 302
+    assert not ItemFailure.objects.filter(pk=failure.pk).exists()
+
+
+def test_a_view_only_user_sees_the_failures(viewer):
+    failure = ItemFailureFactory(item_id="seen-1")
+    assert ">seen-1<" in viewer.get(FAILURES).content.decode()
+    url = reverse("admin:django_workitems_itemfailure_change", args=[failure.pk])
+    assert viewer.get(url).status_code == 200
+
+
+def test_failure_changelist_costs_the_same_queries_and_never_counts_the_table(
+    admin_client, monkeypatch
+):
+    from django_workitems.admin import CappedCountPaginator
+
+    monkeypatch.setattr(CappedCountPaginator, "cap", 250)
+    handlers = list(synced().values())
+    runs = [HandlerRunFactory(handler=h, status=RunStatus.PARTIAL) for h in handlers]
+
+    def make(count: int, query: str = "") -> tuple[int, str]:
+        ItemFailure.objects.all().delete()
+        ItemFailure.objects.bulk_create(
+            ItemFailure(run=runs[i % len(runs)], item_id=f"i-{i}", error_type=f"e.E{i % 4}")
+            for i in range(count)
+        )
+        with CaptureQueriesContext(connection) as ctx:
+            response = admin_client.get(FAILURES + query)
+        assert response.status_code == 200
+        counts = [q["sql"].upper() for q in ctx.captured_queries if "COUNT(" in q["sql"].upper()]
+        assert counts  # the paginator counts...
+        for sql in counts:
+            assert "LIMIT" in sql, sql  # ...but over a capped subquery, never the whole table
+        return len(ctx.captured_queries), response.content.decode()
+
+    small, page = make(3)
+    assert "More than" not in page and "3 item failures" in page
+    big, page = make(300)
+    assert small == big
+    assert "More than 250 failures match" in page  # the cap is said, not hidden
+    assert page.count('class="field-occurred"') == 100  # a page of the newest
+    assert ">i-299<" in page and ">i-199<" not in page
+    filtered = make(3, "?error_type=e.E1&occurred_at__gte=2000-01-01+00%3A00%3A00%2B00%3A00")[0]
+    assert (
+        filtered
+        == make(300, "?error_type=e.E1&occurred_at__gte=2000-01-01+00%3A00%3A00%2B00%3A00")[0]
+    )
 
 
 # Workers ---------------------------------------------------------------------------------
@@ -443,6 +668,7 @@ def test_workers_are_alive_stale_or_stopped(admin_client):
 
     page = admin_client.get(WORKERS).content.decode()
     assert "workitems-status-succeeded" in _row(page, str(alive))
+    assert f"{stopped.stopped_at:%Y-%m-%d %H:%M:%S} UTC" in _row(page, str(stopped))
     assert ">stale<" in _row(page, str(stale))
     assert ">stopped<" in _row(page, str(stopped))
 
