@@ -55,6 +55,7 @@ class Command(BaseCommand):
         "until no work is left with --drain)."
     )
     requires_system_checks: list[str] = []  # checked in handle(), to exit 2 on bad settings
+    verbosity_given = False  # set by execute(): was -v/--verbosity given?
 
     def add_arguments(self, parser: CommandParser) -> None:
         mode = parser.add_mutually_exclusive_group()
@@ -112,9 +113,22 @@ class Command(BaseCommand):
             "(needs the extra: pip install django-workitems[metrics]).",
         )
 
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        # None until execute(): tells an explicit -v/--verbosity from Django's default of 1.
+        parser.set_defaults(verbosity=None)
+        return parser
+
+    def execute(self, *args: Any, **options: Any) -> Any:
+        self.verbosity_given = options.get("verbosity") is not None
+        if not self.verbosity_given:
+            options["verbosity"] = 1
+        return super().execute(*args, **options)
+
     def handle(self, *args: Any, **options: Any) -> None:
         self._check_configuration()
-        configure_logging(options["verbosity"])
+        # The project's LOGGING wins; only an explicit -v changes the level.
+        configure_logging(options["verbosity"] if self.verbosity_given else None)
         try:
             if options["list"]:
                 self.stdout.write(
