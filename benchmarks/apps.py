@@ -9,7 +9,14 @@ class BenchmarksConfig(AppConfig):
     def ready(self) -> None:
         import django_workitems as workitems
 
-        from .handlers import DrainHandler, EndlessHandler, IoHandler, SlowHandler, WakeHandler
+        from .handlers import (
+            DrainHandler,
+            EndlessHandler,
+            IoHandler,
+            RecoverHandler,
+            SlowHandler,
+            WakeHandler,
+        )
 
         # The handlers the workloads run in real ``runworkitems`` processes (one at a time,
         # selected with --handler); in-process workloads use registries of their own.
@@ -17,4 +24,5 @@ class BenchmarksConfig(AppConfig):
         workitems.add_handler(IoHandler, name="bench.io", max_items_per_cycle=100)
         workitems.add_handler(WakeHandler, name="bench.wake")
         workitems.add_handler(SlowHandler, name="bench.slow", max_items_per_cycle=100)
+        workitems.add_handler(RecoverHandler, name="bench.recover", max_items_per_cycle=100)
         workitems.add_handler(EndlessHandler, name="bench.memory")

@@ -55,6 +55,13 @@ class WakeHandler(DrainHandler):
         emit("bench-wake", obj.pk, f"{time.monotonic():.6f}")
 
 
+class RecoverHandler(DrainHandler):
+    """Workload 12: 50 ms items (the rows a dead worker held)."""
+
+    def handle(self, obj: BenchItem, cancel: workitems.CancellationToken) -> None:
+        time.sleep(0.05)
+
+
 class SlowHandler(DrainHandler):
     """Workload 11: slow items; says when each started and ended, and in which process."""
 
@@ -193,6 +200,7 @@ __all__: Sequence[str] = [
     "EndlessHandler",
     "IoHandler",
     "ListHandler",
+    "RecoverHandler",
     "SlowHandler",
     "StaticHandler",
     "Stopwatch",

@@ -38,7 +38,7 @@ import django_workitems as workitems
 from django_workitems import recording
 from django_workitems.background import BackgroundProcessingService, run_once
 from django_workitems.handlers import CancellationToken, current_worker_id
-from django_workitems.models import HandlerRun, Worker
+from django_workitems.models import Handler, HandlerRun, Worker, db_now
 from django_workitems.registry import HandlerRegistry
 
 from .handlers import (
@@ -1079,6 +1079,88 @@ def idle_with_work(bench: Bench) -> list[Result]:
     ]
 
 
+# -- 12: recovery after a worker died holding claimed rows ---------------------------------------
+
+RECOVER_LEASE = 2.0
+"""LEASE_TIMEOUT of workload 12's workers, in seconds."""
+
+
+def _dead_worker_holding(count: int) -> tuple[Worker, float]:
+    """A worker that heartbeated just now and then died (kill -9) holding ``count`` rows and
+    a running run of ``bench.recover``; returns it and when its death becomes visible."""
+    recording.sync_handlers(workitems.registry)
+    with transaction.atomic():  # nobody sees the rows queued before they are claimed
+        dead = Worker.objects.create(hostname="bench-victim", pid=999_999)
+        insert_items(count)
+        BenchItem.objects.claim(count, worker_id=dead.pk)
+        HandlerRun.objects.create(
+            handler=Handler.objects.get(name="bench.recover"), worker=dead, items_fetched=count
+        )
+        Worker.objects.filter(pk=dead.pk).update(last_heartbeat_at=db_now())
+    visible = time.monotonic() + RECOVER_LEASE
+    return dead, visible
+
+
+def recovery(bench: Bench) -> list[Result]:
+    """Workload 12: a worker died holding 100 claimed rows of 50 ms items; a surviving worker
+    with 4 threads, idle or busy with rows of its own, finishes them. The time counts from the
+    moment the death is visible (``LEASE_TIMEOUT`` after the last heartbeat); the baseline is
+    the time the same worker takes to drain 100 such rows normally, measured in this run."""
+    count = 20 if bench.quick else 100
+    env = {"WORKITEMS_LEASE_TIMEOUT": f"00:00:0{int(RECOVER_LEASE)}"}
+    reset_items()
+    insert_items(count)
+    normal = worker_drain(bench, "bench.recover", count, 4)["seconds"]
+    results = []
+    for busy in (False, True):
+        reset_items()
+        Worker.objects.filter(hostname="bench-victim").delete()
+        label = "busy" if busy else "idle"
+        with start_worker(
+            "bench.recover", "--workers", "4", log_name=f"{bench.db}-recover-{label}", env=env
+        ) as survivor:
+            wait_until(
+                lambda: Worker.objects.filter(pid=survivor.proc.pid).exists(),
+                timeout=60,
+                what="the survivor to start",
+                worker=survivor,
+            )
+            dead, visible = _dead_worker_holding(count)
+            if busy:
+                insert_items(count * 4)  # its own backlog, claimed before the orphans are seen
+                workitems.notify("bench.recover")
+            held = list(BenchItem.objects.filter(claimed_by=dead).values_list("pk", flat=True))
+            if len(held) != count:
+                raise BenchError(f"the dead worker holds {len(held)} of {count} rows")
+            done = BenchItem.objects.filter(pk__in=held, status=STATUS.succeeded)
+            wait_until(
+                lambda done=done: done.count() == count,
+                timeout=120,
+                what=f"the {count} rows of the dead worker ({label} survivor)",
+                worker=survivor,
+            )
+            took = time.monotonic() - visible
+        ratio = took / normal
+        bench.say(
+            f"12 recovery, {label} survivor: {took:.2f}s vs normal {normal:.2f}s ({ratio:.2f}x)"
+        )
+        results.append(
+            Result(
+                workload=f"12 recovery after kill -9, {label} survivor",
+                db=bench.db,
+                figure=took,
+                unit="s",
+                baseline=normal,
+                baseline_label=f"{count} rows drained normally",
+                ratio=ratio,
+                target="<= 2x normal",
+                met=None if bench.quick else ratio <= 2.0,
+                details={"rows": count, "lease_timeout": RECOVER_LEASE, "threads": 4},
+            )
+        )
+    return results
+
+
 WORKLOADS: dict[int, Callable[[Bench], list[Result]]] = {
     1: drain_trivial,
     2: drain_io,
@@ -1091,4 +1173,5 @@ WORKLOADS: dict[int, Callable[[Bench], list[Result]]] = {
     9: many_handlers,
     10: async_concurrency,
     11: idle_with_work,
+    12: recovery,
 }

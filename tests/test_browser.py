@@ -109,7 +109,8 @@ def test_an_operator_runs_a_handler_and_reads_a_failure(page, live_server, djang
     jobs_row = page.locator("#result_list tr", has=page.locator("a", has_text=re.compile("^jobs$")))
     assert jobs_row.locator(".workitems-status-partial").count() == 1
     assert jobs_row.locator("svg.workitems-chart a").count() == 4
-    assert jobs_row.locator(".field-recent_success_rate").inner_text() == "0%"
+    # Items, not runs: 2 + 3 + 4 + 5 jobs succeeded beside the one failing in each of 4 runs.
+    assert jobs_row.locator(".field-recent_success_rate").inner_text() == f"{100 * 14 // 18}%"
     broken_row = page.locator("#result_list tr", has_text="broken-fetch")
     assert broken_row.locator(".workitems-status-failed").count() == 1
     page.screenshot(path=SCREENSHOTS / "01-handlers.png", full_page=True)
@@ -144,11 +145,25 @@ def test_an_operator_runs_a_handler_and_reads_a_failure(page, live_server, djang
     assert newest_partial is not None
     page.click(f"#result_list a:text-is('#{newest_partial.pk}')")
     traceback = page.locator("pre.workitems-traceback").first
+    assert not traceback.is_visible()  # collapsed until opened
+    page.locator("details.workitems-details summary").first.click()
     traceback.wait_for()
     text = traceback.inner_text()
     assert text.startswith("Traceback (most recent call last):")
     assert re.search(r"ValueError: job \d+ is set to fail", text)
     page.screenshot(path=SCREENSHOTS / "05-run-with-failure.png", full_page=True)
+
+    # The lists at a laptop's width and a phone's: nothing wider than the window.
+    for width, height in ((1400, 900), (390, 844)):
+        page.set_viewport_size({"width": width, "height": height})
+        for name, path in (("handlers", "handler"), ("runs", "handlerrun")):
+            page.goto(f"{base}/admin/django_workitems/{path}/")
+            page.wait_for_selector("#result_list")
+            page.screenshot(path=SCREENSHOTS / f"06-{name}-{width}px.png", full_page=True)
+            overflow = page.evaluate(
+                "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            assert overflow <= 0, f"at {width}px the {name} page is {overflow}px too wide"
 
     page.goto(f"{base}/admin/django_workitems/worker/")
     assert (
