@@ -41,6 +41,8 @@ WORKITEMS = {
     "POLL_INTERVAL": "01:00:00",  # workers idle unless woken or draining
     "WORKERS": 4,
     "SHUTDOWN_TIMEOUT": "00:00:10",
+    # Workload 12 starts its survivor with a short lease, so a death is seen soon.
+    "LEASE_TIMEOUT": env("WORKITEMS_LEASE_TIMEOUT", default="00:01:00"),
 }
 
 LOGGING = {

@@ -1101,6 +1101,38 @@ def _dead_worker_holding(count: int) -> tuple[Worker, float]:
     return dead, visible
 
 
+def _recover(bench: Bench, count: int, *, busy: bool, env: dict[str, str]) -> float:
+    """Seconds from the death being visible until the dead worker's rows are all done."""
+    reset_items()
+    Worker.objects.filter(hostname="bench-victim").delete()
+    label = "busy" if busy else "idle"
+    with start_worker(
+        "bench.recover", "--workers", "4", log_name=f"{bench.db}-recover-{label}", env=env
+    ) as survivor:
+        pid = survivor.proc.pid
+        wait_until(
+            lambda: Worker.objects.filter(pid=pid).exists(),
+            timeout=60,
+            what="the survivor to start",
+            worker=survivor,
+        )
+        dead, visible = _dead_worker_holding(count)
+        if busy:
+            insert_items(count * 4)  # its own backlog, claimed before the orphans are seen
+            workitems.notify("bench.recover")
+        held = list(BenchItem.objects.filter(claimed_by=dead).values_list("pk", flat=True))
+        if len(held) != count:
+            raise BenchError(f"the dead worker holds {len(held)} of {count} rows")
+        done = BenchItem.objects.filter(pk__in=held, status=STATUS.succeeded)
+        wait_until(
+            lambda: done.count() == count,
+            timeout=120,
+            what=f"the {count} rows of the dead worker ({label} survivor)",
+            worker=survivor,
+        )
+        return time.monotonic() - visible
+
+
 def recovery(bench: Bench) -> list[Result]:
     """Workload 12: a worker died holding 100 claimed rows of 50 ms items; a surviving worker
     with 4 threads, idle or busy with rows of its own, finishes them. The time counts from the
@@ -1113,33 +1145,8 @@ def recovery(bench: Bench) -> list[Result]:
     normal = worker_drain(bench, "bench.recover", count, 4)["seconds"]
     results = []
     for busy in (False, True):
-        reset_items()
-        Worker.objects.filter(hostname="bench-victim").delete()
         label = "busy" if busy else "idle"
-        with start_worker(
-            "bench.recover", "--workers", "4", log_name=f"{bench.db}-recover-{label}", env=env
-        ) as survivor:
-            wait_until(
-                lambda: Worker.objects.filter(pid=survivor.proc.pid).exists(),
-                timeout=60,
-                what="the survivor to start",
-                worker=survivor,
-            )
-            dead, visible = _dead_worker_holding(count)
-            if busy:
-                insert_items(count * 4)  # its own backlog, claimed before the orphans are seen
-                workitems.notify("bench.recover")
-            held = list(BenchItem.objects.filter(claimed_by=dead).values_list("pk", flat=True))
-            if len(held) != count:
-                raise BenchError(f"the dead worker holds {len(held)} of {count} rows")
-            done = BenchItem.objects.filter(pk__in=held, status=STATUS.succeeded)
-            wait_until(
-                lambda done=done: done.count() == count,
-                timeout=120,
-                what=f"the {count} rows of the dead worker ({label} survivor)",
-                worker=survivor,
-            )
-            took = time.monotonic() - visible
+        took = _recover(bench, count, busy=busy, env=env)
         ratio = took / normal
         bench.say(
             f"12 recovery, {label} survivor: {took:.2f}s vs normal {normal:.2f}s ({ratio:.2f}x)"

@@ -81,12 +81,18 @@ class FairChannel(Generic[E]):
             del self._reserved[key]
 
     def put(
-        self, key: str, entries: Sequence[E], reserved: int, solo: Sequence[bool] | None = None
+        self,
+        key: str,
+        entries: Sequence[E],
+        reserved: int,
+        solo: Sequence[bool] | None = None,
+        urgent: int = 0,
     ) -> bool:
         """Queue ``entries`` of ``key`` in place of ``reserved`` slots; False once closed.
 
         Entries beyond the reservation are still accepted (a handler that returns more than it
-        was asked for must not lose items), which is the only way past ``capacity``.
+        was asked for must not lose items), which is the only way past ``capacity``. The first
+        ``urgent`` entries go before the entries of ``key`` already queued.
         """
         with self._cond:
             self._release_reservation(key, reserved)
@@ -100,7 +106,9 @@ class FairChannel(Generic[E]):
                 if not queue:
                     self._ring.append(key)
                 flags = solo if solo is not None else [False] * len(entries)
-                queue.extend(zip(entries, flags, strict=True))
+                pairs = list(zip(entries, flags, strict=True))
+                queue.extendleft(reversed(pairs[:urgent]))
+                queue.extend(pairs[urgent:])
                 self._size += len(entries)
                 self._cond.notify(len(entries))
         if freed:

@@ -218,6 +218,8 @@ class QuerySetHandler(WorkItemHandler[M]):
         self._succeeded: list[tuple[Any, Any]] = []
         self._last_flush = time.monotonic()
         self._suspect_tokens: set[uuid.UUID | None] = set()
+        self._taken_back: set[uuid.UUID | None] = set()
+        """Claims of rows taken back from dead workers (processed before rows queued here)."""
         self.claims = claim_book()
         """This process's claim state: the processing service sets its own on each activation."""
 
@@ -321,6 +323,7 @@ class QuerySetHandler(WorkItemHandler[M]):
             where=Q(attempts__lt=last),
         )
         if rows:
+            self._taken_back.add(rows[0].claim_token)
             logger.warning(
                 "%s: %d rows taken back from workers that died; processing them normally",
                 key,
@@ -340,6 +343,9 @@ class QuerySetHandler(WorkItemHandler[M]):
 
     def isolate(self, item: M) -> bool:
         return item.claim_token in self._suspect_tokens
+
+    def urgent(self, item: M) -> bool:
+        return item.claim_token in self._taken_back
 
     def _forget(self, item: M) -> None:
         if item.claim_token in self._suspect_tokens:

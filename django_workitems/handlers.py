@@ -135,6 +135,13 @@ class WorkItemHandler(ABC, Generic[T]):
         """
         return False
 
+    def urgent(self, item: T) -> bool:
+        """True to process ``item`` before this handler's items queued earlier in this worker.
+
+        For work that already waited elsewhere: rows taken back from a worker that died.
+        """
+        return False
+
     def release(self, items: Sequence[T]) -> None:
         """Give back items that were fetched but never started (on shutdown).
 

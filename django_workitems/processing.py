@@ -443,8 +443,14 @@ class WorkItemProcessingService:
             finally:
                 hygiene.after_work(idle=False)
             self.recorder.track(activation, activation.run_id)
+        # Items the handler calls urgent (rows taken back from a dead worker) come first.
+        urgent = [_urgent(handler, item) for item in items]
+        if any(urgent):
+            order = sorted(range(len(items)), key=lambda i: not urgent[i])
+            items = [items[i] for i in order]
+            solo = [solo[i] for i in order]
         entries = [(activation, item) for item in items]
-        if not self.channel.put(activation.name, entries, job.ask, solo):
+        if not self.channel.put(activation.name, entries, job.ask, solo, urgent=sum(urgent)):
             # Shutting down meanwhile: the items go back untouched.
             activation.stop_fetching(cancelled=True)
             self._give_back(activation, items, "the worker is shutting down")
@@ -964,6 +970,14 @@ class WorkItemProcessingService:
 
 def _seconds(duration: Any) -> float | None:
     return None if duration is None else float(duration.total_seconds())
+
+
+def _urgent(handler: Any, item: Any) -> bool:
+    try:
+        return bool(handler.urgent(item))
+    except Exception:
+        logger.exception("urgent() raised; queueing the item normally")
+        return False
 
 
 def _isolate(handler: Any, item: Any) -> bool:

@@ -539,3 +539,11 @@ def test_no_on_room_callback_is_fine():
     fill(channel, "a", [1])
     assert channel.take(timeout=0) == ("a", 1)
     channel.unreserve("a", 0)
+
+
+def test_urgent_entries_go_before_those_of_their_key_already_queued():
+    channel: FairChannel[str] = FairChannel(10)
+    channel.put("a", ["a1", "a2"], 0)
+    channel.put("a", ["taken-back", "a3"], 0, urgent=1)
+    order = [channel.take(timeout=1) for _ in range(4)]
+    assert [entry for _, entry in order] == ["taken-back", "a1", "a2", "a3"]

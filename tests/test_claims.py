@@ -329,3 +329,19 @@ def test_should_retry_and_retry_delay_are_hooks():
     assert (permanent.status, permanent.attempts) == ("failed", 1)
     assert transient.status == "queued"
     assert 3599 <= (transient.available_at - before).total_seconds() <= 3610
+
+
+@pytest.mark.django_db
+def test_rows_taken_back_are_urgent_and_fresh_claims_are_not():
+    dead = WorkerFactory(stopped_at=timezone.now())
+    alive = WorkerFactory()
+    Task.objects.bulk_create([Task() for _ in range(3)])
+    orphans = {t.pk for t in Task.objects.claim(2, worker_id=dead.pk)}
+    token = current_worker_id.set(alive.pk)
+    try:
+        handler = TaskHandler()
+        rows = handler.fetch_next(10, workitems.CancellationToken())
+    finally:
+        current_worker_id.reset(token)
+    assert {t.pk for t in rows if handler.urgent(t)} == orphans
+    assert len([t for t in rows if not handler.urgent(t)]) == 1
