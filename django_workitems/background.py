@@ -35,6 +35,7 @@ from . import health, hygiene, metrics, recording, wakeups
 from .activation import Activation, ActivationResult, CycleResult
 from .conf import app_settings
 from .handlers import CancellationToken, Purpose
+from .log import plural
 from .models import RunStatus, Worker
 from .processing import WorkItemProcessingService
 from .registry import HandlerRegistry, Registration
@@ -55,10 +56,6 @@ PROGRESS_INTERVAL = 5.0
 
 EXIT_RECYCLE = 3
 """Exit status of a worker that stopped because too many of its threads hung."""
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
 class Waker:
@@ -313,8 +310,8 @@ class BackgroundProcessingService:
             logger.info(
                 "Worker %s started: %s, %s, queue of %d",
                 self.worker,
-                _plural(len(self.registrations), "handler"),
-                _plural(service.workers, "thread"),
+                plural(len(self.registrations), "handler"),
+                plural(service.workers, "thread"),
                 service.queue_size,
             )
             yield service
@@ -382,7 +379,7 @@ class BackgroundProcessingService:
                         "Worker %s: %s given up on hung calls, more than WORKERS (%d); "
                         "stopping so that a fresh process takes over",
                         self.worker,
-                        _plural(service.given_up, "thread"),
+                        plural(service.given_up, "thread"),
                         service.workers,
                     )
                     self.exit_code = EXIT_RECYCLE
@@ -390,7 +387,9 @@ class BackgroundProcessingService:
                 if self._recycling:
                     if not scheduler.busy():
                         logger.info(
-                            "Worker %s: recycling after %d cycles", self.worker, self._cycles
+                            "Worker %s: recycling after %s",
+                            self.worker,
+                            plural(self._cycles, "cycle"),
                         )
                         break
                 elif self._start_due(service, scheduler, states, now):
@@ -506,7 +505,9 @@ class BackgroundProcessingService:
                     if result.fetched == 0:
                         break
                 logger.info(
-                    "Drained in %s: %d items done", _plural(cycles, "cycle"), progress.done()
+                    "Drained in %s: %s done",
+                    plural(cycles, "cycle"),
+                    plural(progress.done(), "item"),
                 )
             finally:
                 progress.stop()
@@ -592,8 +593,8 @@ class DrainProgress:
                         waiting += backlog
                         known = True
                 logger.info(
-                    "Draining: %d items done, %.1f items/s, %s waiting",
-                    done,
+                    "Draining: %s done, %.1f items/s, %s waiting",
+                    plural(done, "item"),
                     done / elapsed,
                     waiting if known else "unknown",
                 )

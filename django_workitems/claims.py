@@ -38,6 +38,7 @@ from django.db.models.query import QuerySet
 
 from .exceptions import Cancelled
 from .handlers import CancellationToken, WorkItemHandler, call_handler, current_worker_id
+from .log import plural
 from .models import WorkItemModel, WorkItemQuerySet, db_now, db_now_plus
 
 logger = logging.getLogger("django_workitems.claims")
@@ -142,9 +143,9 @@ class ClaimBook:
                 claims.pop(0)
                 if undone:
                     logger.warning(
-                        "%s: %d rows of a claim whose reply was lost put back in the queue",
+                        "%s: %s of a claim whose reply was lost put back in the queue",
                         claim_model._meta.label,
-                        undone,
+                        plural(undone, "row"),
                     )
             while writes:
                 write = writes[0]
@@ -307,10 +308,10 @@ class QuerySetHandler(WorkItemHandler[M]):
         failed = qs.fail_exhausted_abandoned(lease_timeout, self.max_attempts, worker_id=worker_id)
         if failed:
             logger.error(
-                "%s: %d rows failed: their workers died while processing them %d times",
+                "%s: %s failed: their workers died while processing them %s",
                 key,
-                failed,
-                self.max_attempts,
+                plural(failed, "row"),
+                plural(self.max_attempts, "time"),
             )
         # After the claim's increment, a batch row has at most max_attempts - 1 attempts.
         last = self.max_attempts - 1
@@ -325,9 +326,9 @@ class QuerySetHandler(WorkItemHandler[M]):
         if rows:
             self._taken_back.add(rows[0].claim_token)
             logger.warning(
-                "%s: %d rows taken back from workers that died; processing them normally",
+                "%s: %s taken back from workers that died; processing them normally",
                 key,
-                len(rows),
+                plural(len(rows), "row"),
             )
             return rows
         rows = self._claim(qs, 1, worker_id, reclaim=True, lease_timeout=lease_timeout)
@@ -418,14 +419,14 @@ class QuerySetHandler(WorkItemHandler[M]):
             written = self._write(
                 Q(pk__in=pks, claim_token=token, status=WorkItemModel.STATUS.processing),
                 {"status": WorkItemModel.STATUS.succeeded, "last_error": "", "modified": db_now()},
-                f"{len(pks)} successes",
+                plural(len(pks), "success", "successes"),
             )
             if written is not None and written < len(pks):
                 logger.warning(
-                    "%d of %d succeeded rows had been claimed by another worker meanwhile; "
+                    "%d of %s had been claimed by another worker meanwhile; "
                     "their outcome was left to it",
                     len(pks) - written,
-                    len(pks),
+                    plural(len(pks), "succeeded row"),
                 )
 
     def should_retry(self, obj: M, exc: Exception) -> bool:
@@ -488,7 +489,7 @@ class QuerySetHandler(WorkItemHandler[M]):
                     status=WorkItemModel.STATUS.processing,
                 ),
                 _unclaimed(),
-                f"the release of {len(chunk)} rows",
+                f"the release of {plural(len(chunk), 'row')}",
             )
         for item in items:
             self._forget(item)

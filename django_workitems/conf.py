@@ -83,7 +83,8 @@ def parse_duration(
 def _describe(duration: timedelta) -> str:
     if duration >= timedelta(days=2):
         return f"{duration.days} days"
-    return f"{duration.total_seconds():g} seconds"
+    seconds = duration.total_seconds()
+    return f"{seconds:g} second{'' if seconds == 1 else 's'}"
 
 
 def _to_timedelta(value: object) -> timedelta:

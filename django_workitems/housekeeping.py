@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from .conf import app_settings
 from .handlers import CancellationToken, Purpose, WorkItemHandler
+from .log import plural
 from .models import HandlerRun, HandlerRunQuerySet, Worker
 from .registry import HandlerRegistry
 from .registry import registry as default_registry
@@ -80,7 +81,9 @@ class PruneRunsHandler(WorkItemHandler[ExpiredRuns]):
         if silent:
             # Their runs keep their history (worker set to NULL), as do rows they once claimed.
             Worker.objects.filter(pk__in=silent).delete()
-            logger.info("Forgot %d workers silent for over %s", len(silent), self.retention)
+            logger.info(
+                "Forgot %s silent for over %s", plural(len(silent), "worker"), self.retention
+            )
 
     def backlog(self) -> int:
         return self._expired().count()

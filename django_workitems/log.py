@@ -139,3 +139,8 @@ def configure_logging(verbosity: int | None = None) -> None:
         logger.setLevel(_level_for(verbosity))
         source = f"--verbosity {verbosity}"
     logger.debug("Logging at %s, from %s", logging.getLevelName(logger.getEffectiveLevel()), source)
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``"1 row"``, ``"2 rows"``: a count with its noun (``many``: an irregular plural)."""
+    return f"{count} {word if count == 1 else (many or word + 's')}"

@@ -17,6 +17,7 @@ from model_utils.fields import StatusField
 from model_utils.models import TimeStampedModel
 
 from .handlers import Purpose
+from .log import plural
 from .schedules import SCHEDULE_MAX_LENGTH
 from .status import RunStatus as RunStatus
 
@@ -403,7 +404,7 @@ class WorkItemQuerySet(models.QuerySet[_W]):
             .update(
                 status=WorkItemModel.STATUS.failed,
                 last_error=(
-                    f"Its worker died while processing it, {max_attempts} times: "
+                    f"Its worker died while processing it, {plural(max_attempts, 'time')}: "
                     "the item most likely kills the worker (crash, out of memory)."
                 ),
                 claimed_by=None,

@@ -60,7 +60,7 @@ from .conf import app_settings
 from .exceptions import Cancelled, WorkItemsError
 from .handlers import CancellationToken, call_handler, current_worker_id
 from .leases import LeaseKeeper
-from .log import log_context
+from .log import log_context, plural
 from .pool import (
     IDLE_AFTER,
     DurationStats,
@@ -416,9 +416,9 @@ class WorkItemProcessingService:
         assert handler is not None
         if len(items) > job.ask:
             logger.warning(
-                "Handler %s: fetch_next returned %d items, more than the %d asked for",
+                "Handler %s: fetch_next returned %s, more than the %d asked for",
                 activation.name,
-                len(items),
+                plural(len(items), "item"),
                 job.ask,
                 extra=activation.log_extra(),
             )
@@ -473,9 +473,9 @@ class WorkItemProcessingService:
             )
         else:
             logger.info(
-                "Handler %s: released %d items never started (%s)",
+                "Handler %s: released %s never started (%s)",
                 activation.name,
-                len(items),
+                plural(len(items), "item"),
                 why,
                 extra=activation.log_extra(),
             )

@@ -22,6 +22,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from . import hygiene, wakeups
+from .log import plural
 from .models import Handler, HandlerRun, ItemFailure, RunStatus, Worker, db_now, db_now_plus
 from .registry import Registration
 
@@ -357,9 +358,9 @@ class RunRecorder:
             left = [run for run in self._runs.values() if run.ended or run.run_id is None]
         if left:
             logger.error(
-                "%d runs could not be written before the shutdown deadline; other workers will "
+                "%s could not be written before the shutdown deadline; other workers will "
                 "mark them abandoned",
-                len(left),
+                plural(len(left), "run"),
             )
         return not left
 

@@ -435,8 +435,8 @@ HUGE = timedelta(days=3_000_000)
 @pytest.mark.parametrize(
     ("key", "attribute", "value", "reason"),
     [
-        ("LEASE_TIMEOUT", "lease_timeout", "00:00:00.999", "at least 1 seconds"),
-        ("LEASE_TIMEOUT", "lease_timeout", 0.5, "at least 1 seconds"),
+        ("LEASE_TIMEOUT", "lease_timeout", "00:00:00.999", "at least 1 second)"),
+        ("LEASE_TIMEOUT", "lease_timeout", 0.5, "at least 1 second)"),
         ("LEASE_TIMEOUT", "lease_timeout", "1.00:00:01", "too large"),
         ("LEASE_TIMEOUT", "lease_timeout", "P2D", "too large"),
         ("LEASE_TIMEOUT", "lease_timeout", 86401, "too large"),
@@ -510,3 +510,13 @@ def test_the_largest_accepted_wait_is_a_valid_thread_timeout_and_date_offset(key
         pytest.raises(ConfigurationError, match="too large"),
     ):
         getattr(app_settings, attribute)
+
+
+def test_messages_count_in_the_right_number():
+    from django_workitems.log import plural
+
+    assert [plural(1, "row"), plural(2, "row"), plural(0, "success", "successes")] == [
+        "1 row",
+        "2 rows",
+        "0 successes",
+    ]
