@@ -348,6 +348,12 @@ class QuerySetHandler(WorkItemHandler[M]):
     def urgent(self, item: M) -> bool:
         return item.claim_token in self._taken_back
 
+    def given_up(self, item: M) -> None:
+        """The engine gave up on ``item`` (hung past its timeout): its row stays claimed by
+        this live worker (nobody takes it back while it heartbeats), but as a suspect it no
+        longer keeps this worker from taking back other dead workers' rows."""
+        self._forget(item)
+
     def _forget(self, item: M) -> None:
         if item.claim_token in self._suspect_tokens:
             self._suspect_tokens.discard(item.claim_token)

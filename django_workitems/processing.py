@@ -770,6 +770,10 @@ class WorkItemProcessingService:
         if not self._stopping:
             self._add_pool_thread()
         activation.stop_fetching()
+        if isinstance(activation.handler, QuerySetHandler):
+            # A suspect given up on stays claimed here while this worker lives, but it no
+            # longer holds back the take-back of other dead workers' rows.
+            activation.handler.given_up(item)
         step = activation.item_ended(ItemOutcome.FAILED, failure)
         self.channel.task_done(key)
         metrics.record_item(activation.name, ItemOutcome.FAILED.value, seconds)

@@ -345,3 +345,25 @@ def test_rows_taken_back_are_urgent_and_fresh_claims_are_not():
         current_worker_id.reset(token)
     assert {t.pk for t in rows if handler.urgent(t)} == orphans
     assert len([t for t in rows if not handler.urgent(t)]) == 1
+
+
+@pytest.mark.django_db
+def test_a_suspect_given_up_as_hung_no_longer_holds_back_take_backs():
+    dead = WorkerFactory(stopped_at=timezone.now())
+    alive = WorkerFactory()
+    Task.objects.bulk_create([Task() for _ in range(2)])
+    rows = Task.objects.claim(2, worker_id=dead.pk)
+    Task.objects.filter(pk__in=[r.pk for r in rows]).update(attempts=2)  # last attempts
+    token = current_worker_id.set(alive.pk)
+    try:
+        handler = TaskHandler()
+        [suspect] = handler.fetch_next(10, workitems.CancellationToken())
+        assert handler.isolate(suspect)
+        assert handler.fetch_next(10, workitems.CancellationToken()) == []  # held back
+        handler.given_up(suspect)  # what the engine does with an item hung past its timeout
+        [other] = handler.fetch_next(10, workitems.CancellationToken())
+    finally:
+        current_worker_id.reset(token)
+    assert other.pk != suspect.pk and handler.isolate(other)
+    # The hung one stays claimed by this live worker: nobody takes it back meanwhile.
+    assert Task.objects.get(pk=suspect.pk).claimed_by_id == alive.pk
