@@ -120,7 +120,7 @@ def test_sigint_cancels_the_token_and_a_second_sigint_exits_at_once(start_worker
     worker.proc.send_signal(signal.SIGINT)
     # The cancellable job stops at once; the stubborn one would hold the shutdown for minutes.
     wait_for(
-        lambda: "released 1 items" in worker.output() or "Cancelled" in worker.output(),
+        lambda: "released 1 item " in worker.output() or "Cancelled" in worker.output(),
         message="the cancellable job to stop",
     )
     worker.proc.send_signal(signal.SIGINT)
