@@ -12,6 +12,7 @@ from small queries.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -35,6 +36,7 @@ from django.utils.translation import ngettext
 from .conf import app_settings
 from .exceptions import UnknownHandlerError
 from .health import handler_backlog
+from .log import plural
 from .models import Handler, HandlerQuerySet, HandlerRun, ItemFailure, RunStatus, Worker
 from .registry import Registration, registry
 from .schedules import local_text, next_due
@@ -140,7 +142,9 @@ def item_success_rate(runs: Sequence[HandlerRun]) -> tuple[int, int, int]:
     return succeeded, processed, sum(run.status == RunStatus.FAILED for run in rated)
 
 
-def recent_runs_chart(runs: Sequence[HandlerRun], *, bar: int = 5, height: int = 24) -> SafeString:
+def recent_runs_chart(
+    runs: Sequence[HandlerRun], *, bar: int = 5, height: int = 24, legend: bool = False
+) -> SafeString:
     """Inline SVG of ``runs`` (newest first), oldest on the left: items succeeded and failed.
 
     A run whose fetch failed is a full red bar; every bar has at least a sliver in the colour of
@@ -149,22 +153,25 @@ def recent_runs_chart(runs: Sequence[HandlerRun], *, bar: int = 5, height: int =
     if not runs:
         return _NOTHING
     chronological = list(reversed(runs))
-    scale = max(max(r.items_succeeded + r.items_failed for r in chronological), 1)
+    # A square-root scale: one huge run does not flatten the others into slivers.
+    scale = math.sqrt(max(max(r.items_succeeded + r.items_failed for r in chronological), 1))
     gap = 1
     bars = []
     for i, run in enumerate(chronological):
         x = i * (bar + gap)
+        total = run.items_succeeded + run.items_failed
         if run.status == RunStatus.FAILED:
             ok_h, failed_h = 0, height
         else:
-            ok_h = round(height * run.items_succeeded / scale)
-            failed_h = round(height * run.items_failed / scale)
+            bar_h = round(height * math.sqrt(total) / scale)
+            failed_h = round(bar_h * run.items_failed / total) if total else 0
+            ok_h = bar_h - failed_h
             if run.items_failed and not failed_h:
                 failed_h = 1  # one failure among thousands must not vanish
                 ok_h = min(ok_h, height - 1)
         marker_h = 2 if ok_h + failed_h < 2 else 0
         title = (
-            f"Run {run.pk}, {run.status}, {run.started_at:%Y-%m-%d %H:%M:%S}: "
+            f"Run {run.pk}, {run.status}, {local_text(run.started_at)}: "
             f"{run.items_succeeded} succeeded, {run.items_failed} failed"
         )
         bars.append(
@@ -189,15 +196,26 @@ def recent_runs_chart(runs: Sequence[HandlerRun], *, bar: int = 5, height: int =
             )
         )
     succeeded, rated = success_rate(runs)
-    return format_html(
+    chart = format_html(
         '<svg class="workitems-chart" role="img" width="{}" height="{}" viewBox="0 0 {} {}" '
         'aria-label="{}">{}</svg>',
         len(chronological) * (bar + gap) - gap,
         height,
         len(chronological) * (bar + gap) - gap,
         height,
-        f"Last {len(runs)} runs: {succeeded} of {rated} succeeded",
+        f"Last {plural(len(runs), 'run')}: {succeeded} of {rated} succeeded",
         format_html_join("", "{}", ((b,) for b in bars)),
+    )
+    if not legend:
+        return chart
+    return format_html(
+        '{}<div class="workitems-legend"><span class="workitems-key workitems-key-ok"></span>{} '
+        '<span class="workitems-key workitems-key-failed"></span>{} '
+        '<span class="workitems-muted">{}</span></div>',
+        chart,
+        _("items succeeded"),
+        _("items failed (a full red bar: the fetch failed)"),
+        _("oldest on the left; bar height grows with the square root of the items"),
     )
 
 
@@ -462,7 +480,7 @@ class HandlerAdmin(HandlerAdminBase):
 
     @admin.display(description=_("recent runs"))
     def recent_runs_large(self, obj: Handler) -> SafeString:
-        return recent_runs_chart(self._recent(obj), bar=12, height=48)
+        return recent_runs_chart(self._recent(obj), bar=12, height=48, legend=True)
 
     @admin.display(description=_("backlog"))
     def backlog(self, obj: Handler) -> SafeString:

@@ -713,6 +713,17 @@ def test_the_chart_keeps_a_single_failure_visible_among_many_successes():
     assert str(recent_runs_chart([])).count("<svg") == 0
 
 
+def test_one_huge_run_does_not_flatten_the_others_and_the_large_chart_has_a_legend():
+    huge = HandlerRunFactory.build(pk=1, status=RunStatus.SUCCEEDED, items_succeeded=10_000)
+    small = HandlerRunFactory.build(pk=2, status=RunStatus.SUCCEEDED, items_succeeded=100)
+    svg = str(recent_runs_chart([small, huge], bar=12, height=48))  # newest first
+    heights = [int(h) for h in re.findall(r'class="workitems-bar-ok" [^>]*height="(\d+)"', svg)]
+    assert heights == [48, 5]  # a linear scale would give the small run 0 px
+    assert "workitems-legend" not in svg
+    large = str(recent_runs_chart([small, huge], bar=12, height=48, legend=True))
+    assert "items succeeded" in large and "square root" in large
+
+
 def _row(page: str, text: str) -> str:
     """The changelist table row that contains ``text``."""
     for row in re.findall(r"<tr[^>]*>.*?</tr>", page, flags=re.S):
