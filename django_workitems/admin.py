@@ -230,11 +230,9 @@ class HandlerAdmin(HandlerAdminBase):
         "display_name",
         "purpose",
         "is_enabled",
-        "max_items",
-        "last_run",
+        "activity",
         "recent_success_rate",
         "recent_runs",
-        "running_now",
         "backlog_summary",
     )
     list_display_links = ("display_name",)
@@ -387,7 +385,16 @@ class HandlerAdmin(HandlerAdminBase):
             ago(run.started_at),
         )
 
-    @admin.display(description=format_lazy(_("items succeeded (last {n} runs)"), n=RECENT_RUNS))
+    @admin.display(description=_("last run"), ordering="last_run_at")
+    def activity(self, obj: Handler) -> SafeString:
+        """The list's column: the last run and, below it, what is running now and where."""
+        running = self.running_now(obj)
+        if running is _NOTHING:
+            return self.last_run(obj)
+        return format_html("{}<br>{}", self.last_run(obj), running)
+
+    # Items, not runs (a partial run counts for what it did); the value's title says so.
+    @admin.display(description=_("items ok"))
     def recent_success_rate(self, obj: Handler) -> SafeString:
         succeeded, processed, failed_fetches = item_success_rate(self._recent(obj))
         fetches = (
@@ -714,8 +721,7 @@ class HandlerRunAdmin(HandlerRunAdminBase):
         "handler",
         "coloured_status",
         "started",
-        "finished",
-        "duration",
+        "duration",  # its title says when it finished
         "fetched",
         "succeeded",
         "failed",
@@ -828,7 +834,7 @@ class HandlerRunAdmin(HandlerRunAdminBase):
     def fetched(self, obj: HandlerRun) -> int:
         return obj.items_fetched
 
-    @admin.display(description=_("succeeded"), ordering="items_succeeded")
+    @admin.display(description=_("ok"), ordering="items_succeeded")
     def succeeded(self, obj: HandlerRun) -> int:
         return obj.items_succeeded
 
@@ -861,12 +867,16 @@ class HandlerRunAdmin(HandlerRunAdminBase):
         return status_badge(obj.status)
 
     @admin.display(description=_("duration"))
-    def duration(self, obj: HandlerRun) -> str:
+    def duration(self, obj: HandlerRun) -> str | SafeString:
         if obj.finished_at is None:
             return str(
                 _("running for %(d)s") % {"d": format_duration(timezone.now() - obj.started_at)}
             )
-        return format_duration(obj.duration)
+        return format_html(
+            '<span title="{}">{}</span>',
+            _("finished %(at)s") % {"at": local_text(obj.finished_at)},
+            format_duration(obj.duration),
+        )
 
     @admin.display(description=_("error"))
     def error_block(self, obj: HandlerRun) -> SafeString:

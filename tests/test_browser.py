@@ -164,6 +164,12 @@ def test_an_operator_runs_a_handler_and_reads_a_failure(page, live_server, djang
                 "document.documentElement.scrollWidth - document.documentElement.clientWidth"
             )
             assert overflow <= 0, f"at {width}px the {name} page is {overflow}px too wide"
+            if width >= 1400:  # every column in view, no scrolling inside the table
+                hidden = page.evaluate(
+                    "(() => { const r = document.querySelector('.results');"
+                    " return r.scrollWidth - r.clientWidth; })()"
+                )
+                assert hidden <= 0, f"at {width}px the {name} list hides {hidden}px of columns"
 
     page.goto(f"{base}/admin/django_workitems/worker/")
     assert (
