@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/test
 PYTEST_ARGS ?=
 
-.PHONY: install test test-sqlite test-postgres test-example lint coverage demo serve clean bench bench-quick
+.PHONY: install test test-sqlite test-postgres test-example lint docs coverage demo serve clean bench bench-quick
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +15,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The whole gate: lint, the suite on SQLite and on PostgreSQL (coverage combined), the example
-# project's tests on both, and a smoke run of the benchmarks (no speed asserted).
+# The whole gate: lint, the docs build, the suite on SQLite and on PostgreSQL (coverage
+# combined), the example project's tests on both, and a smoke run of the benchmarks (no speed
+# asserted).
 test: install
 	rm -f .coverage .coverage.*
 	$(MAKE) lint
+	$(MAKE) docs
 	$(MAKE) test-sqlite
 	$(MAKE) test-postgres
 	$(MAKE) coverage
@@ -50,6 +52,10 @@ lint: install
 	cd example_project && PYTHONPATH=.:.. ../$(BIN)/mypy catalog example_project demo_shop.py tests
 	PYTHONPATH=. DJANGO_SETTINGS_MODULE=tests.settings $(BIN)/python -m django makemigrations --check --dry-run
 	cd example_project && env -u DATABASE_URL ../$(BIN)/python manage.py makemigrations --check --dry-run
+
+# The documentation site (mkdocs.yml, docs/) into build/site/; any warning fails the build.
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir build/site
 
 bench: install
 	$(BIN)/python -m benchmarks $(ARGS)
