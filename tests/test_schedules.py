@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -125,7 +126,7 @@ def test_a_schedule_is_normalised_and_its_catch_up_defaults_to_one_period():
 # -- taking slots on the database ------------------------------------------------------------
 
 
-def _scheduled(schedule: str, **options: object) -> HandlerRegistry:
+def _scheduled(schedule: str, **options: Any) -> HandlerRegistry:
     registry = HandlerRegistry().add_handler(
         ScheduledHandler, name="scheduled", schedule=schedule, **options
     )
