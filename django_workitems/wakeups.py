@@ -44,7 +44,19 @@ class Listener:
 
     @staticmethod
     def supported(using: str = DEFAULT_DB_ALIAS) -> bool:
-        return bool(connections[using].vendor == "postgresql")
+        """PostgreSQL through psycopg 3.2 or later (``notifies(timeout=)``); otherwise workers
+        see requests through their once-a-second read of the handler rows."""
+        if connections[using].vendor != "postgresql":
+            return False
+        if not _psycopg_has_notify_timeout():
+            logger.warning(
+                "psycopg %s has no notifies(timeout=): no LISTEN, so workers see notify() "
+                "within their one-second refresh; install psycopg>=3.2 for wake-ups in "
+                "milliseconds",
+                _psycopg_version(),
+            )
+            return False
+        return True
 
     def start(self) -> None:
         self._thread.start()
@@ -82,3 +94,20 @@ class Listener:
                     wrapper.close()
                 except Exception:  # the connection is already broken
                     logger.debug("closing the LISTEN connection failed", exc_info=True)
+
+
+def _psycopg_version() -> str:
+    try:
+        import psycopg
+    except ImportError:  # psycopg2: no notifies() of this kind either
+        return "(not installed)"
+    return str(psycopg.__version__)
+
+
+def _psycopg_has_notify_timeout() -> bool:
+    """psycopg 3.2 added ``Connection.notifies(timeout=...)``, which the listener needs."""
+    parts = _psycopg_version().split(".")
+    try:
+        return (int(parts[0]), int(parts[1])) >= (3, 2)
+    except (ValueError, IndexError):
+        return False

@@ -72,3 +72,17 @@ def test_no_connection_leaks_after_50_cycles(registry, recorder):
         wait_for(
             lambda: server_connections() <= before, timeout=10, message="server connections back"
         )
+
+
+def test_the_listener_needs_psycopg_3_2_and_says_so(monkeypatch, caplog):
+    from django.db import connection
+
+    from django_workitems import wakeups
+
+    if connection.vendor != "postgresql":
+        assert not wakeups.Listener.supported()
+        return
+    assert wakeups.Listener.supported()
+    monkeypatch.setattr(wakeups, "_psycopg_version", lambda: "3.1.18")
+    assert not wakeups.Listener.supported()
+    assert "install psycopg>=3.2" in caplog.text
