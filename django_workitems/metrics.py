@@ -117,12 +117,22 @@ _servers: list[Any] = []
 _servers_lock = threading.Lock()
 
 
+_item_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+"""The counter and histogram children of each (handler, outcome), looked up once."""
+
+
 def record_item(handler: str, outcome: str, seconds: float) -> None:
     """One item ended: ``outcome`` is ``succeeded``, ``failed`` or ``released``."""
     if _worker is None:
         return
-    _worker.items.labels(handler=handler, outcome=outcome).inc()
-    _worker.item_duration.labels(handler=handler).observe(max(0.0, seconds))
+    children = _item_children.get((handler, outcome))
+    if children is None:  # label look-ups cost more than the counting: once per pair
+        children = _item_children[(handler, outcome)] = (
+            _worker.items.labels(handler, outcome),
+            _worker.item_duration.labels(handler),
+        )
+    children[0].inc()
+    children[1].observe(max(0.0, seconds))
 
 
 def record_run(handler: str, status: str) -> None:
