@@ -17,6 +17,7 @@ Without prometheus-client every function here does nothing and importing never f
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from collections.abc import Iterator
@@ -73,22 +74,83 @@ def _missing() -> ImproperlyConfigured:
     return ImproperlyConfigured(f"Prometheus metrics need prometheus-client: {INSTALL_HINT}")
 
 
+class _ThreadTally:
+    """One thread's item counts: written by that thread alone, summed at scrape time.
+
+    A counter or histogram of prometheus-client takes a lock per update, which costs more than
+    a trivial item itself when four threads share the GIL; plain per-thread integers do not.
+    """
+
+    __slots__ = ("durations", "outcomes")
+
+    def __init__(self) -> None:
+        self.outcomes: dict[tuple[str, str], int] = {}
+        # handler -> [count per bucket..., count above the last, sum of seconds]
+        self.durations: dict[str, list[float]] = {}
+
+
+class _ItemCollector:
+    """``workitems_items_total`` and ``workitems_item_duration_seconds`` from the tallies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tallies: list[_ThreadTally] = []
+        self._local = threading.local()
+
+    def tally(self) -> _ThreadTally:
+        tally: _ThreadTally | None = getattr(self._local, "tally", None)
+        if tally is None:
+            tally = self._local.tally = _ThreadTally()
+            with self._lock:
+                self._tallies.append(tally)
+        return tally
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        with self._lock:
+            tallies = list(self._tallies)
+        outcomes: dict[tuple[str, str], int] = {}
+        durations: dict[str, list[float]] = {}
+        for tally in tallies:
+            for key, count in list(tally.outcomes.items()):
+                outcomes[key] = outcomes.get(key, 0) + count
+            for handler, row in list(tally.durations.items()):
+                total = durations.setdefault(handler, [0.0] * len(row))
+                for i, value in enumerate(row):
+                    total[i] += value
+        items = CounterMetricFamily(
+            "workitems_items",
+            "Items ended in this worker, by handler and outcome (succeeded, failed, released).",
+            labels=["handler", "outcome"],
+        )
+        for (handler, outcome), count in sorted(outcomes.items()):
+            items.add_metric([handler, outcome], count)
+        yield items
+        histogram = HistogramMetricFamily(
+            "workitems_item_duration_seconds",
+            "Time from the start of an item's processing to its end, in this worker.",
+            labels=["handler"],
+        )
+        for handler, row in sorted(durations.items()):
+            cumulative = 0.0
+            buckets: list[tuple[str, float]] = []
+            for bound, in_bucket in zip((*DURATION_BUCKETS, float("inf")), row[:-1], strict=True):
+                cumulative += in_bucket
+                buckets.append((_bucket_label(bound), cumulative))
+            histogram.add_metric([handler], buckets, row[-1])
+        yield histogram
+
+
+def _bucket_label(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
 class _WorkerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         assert prometheus_client is not None
-        self.items = prometheus_client.Counter(
-            "workitems_items",
-            "Items ended in this worker, by handler and outcome (succeeded, failed, released).",
-            ["handler", "outcome"],
-            registry=registry,
-        )
-        self.item_duration = prometheus_client.Histogram(
-            "workitems_item_duration_seconds",
-            "Time from the start of an item's processing to its end, in this worker.",
-            ["handler"],
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
+        self.item_tallies = _ItemCollector()
+        registry.register(self.item_tallies)
         self.runs = prometheus_client.Counter(
             "workitems_runs",
             "Handler runs ended in this worker, by handler and status.",
@@ -117,22 +179,19 @@ _servers: list[Any] = []
 _servers_lock = threading.Lock()
 
 
-_item_children: dict[tuple[str, str], tuple[Any, Any]] = {}
-"""The counter and histogram children of each (handler, outcome), looked up once."""
-
-
 def record_item(handler: str, outcome: str, seconds: float) -> None:
     """One item ended: ``outcome`` is ``succeeded``, ``failed`` or ``released``."""
     if _worker is None:
         return
-    children = _item_children.get((handler, outcome))
-    if children is None:  # label look-ups cost more than the counting: once per pair
-        children = _item_children[(handler, outcome)] = (
-            _worker.items.labels(handler, outcome),
-            _worker.item_duration.labels(handler),
-        )
-    children[0].inc()
-    children[1].observe(max(0.0, seconds))
+    tally = _worker.item_tallies.tally()
+    key = (handler, outcome)
+    tally.outcomes[key] = tally.outcomes.get(key, 0) + 1
+    row = tally.durations.get(handler)
+    if row is None:
+        row = tally.durations[handler] = [0.0] * (len(DURATION_BUCKETS) + 2)
+    seconds = max(0.0, seconds)
+    row[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+    row[-1] += seconds
 
 
 def record_run(handler: str, status: str) -> None:
