@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=DATABASES,
         help="database to benchmark (repeatable; default: both)",
     )
-    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="workloads, e.g. 1,4")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10,11,12", help="workloads, e.g. 1,4")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
     parser.add_argument(
         "--postgres-url",
