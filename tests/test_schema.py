@@ -470,3 +470,11 @@ def test_a_scheduled_handler_shows_its_expression_and_next_slot(gql, handlers, m
     }
     interval = gql(query % "jobs")["data"]["workItemHandler"]
     assert interval["schedule"] is None and interval["pollIntervalSeconds"] > 0
+
+
+def test_the_depth_limit_lets_depth_6_through_and_refuses_depth_7(gql, handlers):
+    # graphene's depth: the top field is at depth 0, so depth 6 is seven nested fields.
+    six = "{ handlerRuns { handler { runs { handler { runs { handler { name } } } } } } }"
+    seven = "{ handlerRuns { handler { runs { handler { runs { handler { runs { id } } } } } } } }"
+    assert "errors" not in gql(six)
+    assert "exceeds maximum operation depth of 6" in error(gql(seven))
