@@ -140,3 +140,15 @@ def test_a_running_worker_picks_up_new_work_and_runs_requested_handlers(start_wo
     wait_for(lambda: Job.objects.filter(status="done").count() == 1, message="the job after notify")
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0
+
+
+def test_a_worker_with_more_hung_threads_than_workers_exits_3_for_a_fresh_process(start_worker):
+    # Items that ignore cancellation and outlast their timeout and grace (0.3 s + 0.3 s).
+    Job.objects.bulk_create([Job(queue="slow", action="stubborn", seconds=30) for _ in range(3)])
+    worker = start_worker(
+        "--handler", "slow-jobs", "--workers", "1", WORKITEMS_ITEM_TIMEOUT="00:00:00.3"
+    )
+    assert worker.wait(90) == 3, worker.output()
+    output = worker.output()
+    assert "did not finish within" in output and "given up on hung calls" in output
+    assert HandlerRun.objects.filter(handler__name="slow-jobs", items_failed__gte=1).exists()
