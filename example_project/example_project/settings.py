@@ -101,7 +101,7 @@ CATALOG_WEBHOOK_URL = env("CATALOG_WEBHOOK_URL", default="")
 # catalog.purge-stale-batches: how long finished batches are kept.
 CATALOG_BATCH_RETENTION_DAYS = env.int("CATALOG_BATCH_RETENTION_DAYS", default=30)
 
-# Worker logs with the work item context on every line (see docs/guide.md, "Log with context", and docs/logging.md).
+# Worker logs with the work item context on every line (docs/guide.md, "Log with context").
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
