@@ -67,11 +67,10 @@ def handler_backlog(name: str, registry: HandlerRegistry | None = None) -> Backl
         registration = registry.get(name)
     except UnknownHandlerError:
         return Backlog(registered=False)
-    handler = None
     try:
-        handler = registration.create_handler()
-        count = call_handler(handler.backlog)
-        oldest = call_handler(handler.oldest_waiting) if count != 0 else None
+        with registration.instance() as handler:
+            count = call_handler(handler.backlog)
+            oldest = call_handler(handler.oldest_waiting) if count != 0 else None
         return Backlog(
             count=None if count is None else int(count),
             oldest_waiting=oldest if isinstance(oldest, datetime) else None,
@@ -81,12 +80,6 @@ def handler_backlog(name: str, registry: HandlerRegistry | None = None) -> Backl
             "Handler %s: its backlog could not be read: %s", name, exc, extra={"handler": name}
         )
         return Backlog(error=f"{type(exc).__name__}: {exc}")
-    finally:
-        if handler is not None:
-            try:
-                handler.close()
-            except Exception:
-                logger.exception("Handler %s: close() raised", name, extra={"handler": name})
 
 
 @dataclass

@@ -326,36 +326,29 @@ def _handler_figures(registration: Any) -> tuple[int | None, float | None] | Non
     from .models import db_now
 
     name = registration.name
-    handler = None
     try:
-        handler = registration.create_handler()
-        if not isinstance(handler, QuerySetHandler):
-            count = call_handler(handler.backlog)
-            return (None if count is None else int(count)), None
-        claimable = handler.get_queryset().available()
-        count = claimable.count()
-        age = 0.0
-        if count:
-            row = (
-                claimable.order_by("available_at")
-                .annotate(db_time=db_now())
-                .values_list("available_at", "db_time")
-                .first()
-            )
-            if row is not None:
-                age = _age_seconds(row[0], row[1])
-        return count, age
+        with registration.instance() as handler:
+            if not isinstance(handler, QuerySetHandler):
+                count = call_handler(handler.backlog)
+                return (None if count is None else int(count)), None
+            claimable = handler.get_queryset().available()
+            count = claimable.count()
+            age = 0.0
+            if count:
+                row = (
+                    claimable.order_by("available_at")
+                    .annotate(db_time=db_now())
+                    .values_list("available_at", "db_time")
+                    .first()
+                )
+                if row is not None:
+                    age = _age_seconds(row[0], row[1])
+            return count, age
     except Exception as exc:
         logger.warning(
             "Handler %s: its metrics could not be read: %s", name, exc, extra={"handler": name}
         )
         return None
-    finally:
-        if handler is not None:
-            try:
-                handler.close()
-            except Exception:
-                logger.exception("Handler %s: close() raised", name, extra={"handler": name})
 
 
 def _age_seconds(since: datetime, now: datetime) -> float:

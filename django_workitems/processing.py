@@ -565,15 +565,9 @@ class WorkItemProcessingService:
             failure = Failure.of(item_id, exc)
         finally:
             log_context.reset(context)
-        leaked = hygiene.open_transactions()
-        if leaked and failure is None and outcome is ItemOutcome.SUCCEEDED:
-            failure = Failure.of(
-                item_id,
-                LeakedTransaction(
-                    f"process() returned with a transaction open on {', '.join(leaked)}; "
-                    "it was rolled back, so nothing it wrote there was kept"
-                ),
-            )
+        leaked = hygiene.open_transactions()  # rolled back whatever the outcome
+        if outcome is ItemOutcome.SUCCEEDED and failure is None:
+            failure = _leak(item_id, leaked)
         elapsed = time.monotonic() - started
         if not slot.end():
             return False
@@ -668,14 +662,8 @@ class WorkItemProcessingService:
         elapsed = time.monotonic() - started
         # Its ORM calls ran on the thread sync_to_async shares: check that one for a leak.
         leaked = await sync_to_async(_after_async_item)()
-        if leaked and failure is None and outcome is ItemOutcome.SUCCEEDED:
-            failure = Failure.of(
-                item_id,
-                LeakedTransaction(
-                    f"process() returned with a transaction open on {', '.join(leaked)}; "
-                    "it was rolled back, so nothing it wrote there was kept"
-                ),
-            )
+        if outcome is ItemOutcome.SUCCEEDED and failure is None:
+            failure = _leak(item_id, leaked)
         if outcome is ItemOutcome.RELEASED:
             await sync_to_async(self._give_back)(activation, [item], "the worker is shutting down")
         step = self._item_ended(key, activation, item_id, outcome, failure, elapsed)
@@ -990,6 +978,19 @@ def _isolate(handler: Any, item: Any) -> bool:
     except Exception:
         logger.exception("isolate() raised; processing the item normally")
         return False
+
+
+def _leak(item_id: str, leaked: list[str]) -> Failure | None:
+    """The failure of an item that returned with transactions open (now rolled back)."""
+    if not leaked:
+        return None
+    return Failure.of(
+        item_id,
+        LeakedTransaction(
+            f"process() returned with a transaction open on {', '.join(leaked)}; "
+            "it was rolled back, so nothing it wrote there was kept"
+        ),
+    )
 
 
 async def _finished_within(task: asyncio.Future[Any], seconds: float) -> bool:

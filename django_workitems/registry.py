@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -15,6 +17,8 @@ from .conf import MIN_POLL_INTERVAL, app_settings, max_wait, parse_duration
 from .exceptions import ConfigurationError, UnknownHandlerError
 from .handlers import Purpose, WorkItemHandler
 from .schedules import SCHEDULE_MAX_LENGTH, CronSchedule, ScheduleError
+
+logger = logging.getLogger("django_workitems.registry")
 
 MAX_STORED_INT = 2**31 - 1
 """The largest ``max_items_per_cycle`` the ``Handler`` table stores (an integer column)."""
@@ -82,6 +86,23 @@ class Registration:
         handler = self.factory()
         _check_handler_api(self.name, type(handler), f"the factory {self.handler_class} returned")
         return handler
+
+    @contextlib.contextmanager
+    def instance(self) -> Iterator[WorkItemHandler[Any]]:
+        """A fresh handler for a one-off call (its backlog, its metrics), closed afterwards.
+
+        An error of ``close()`` is logged, never raised over what the caller did.
+        """
+        handler = self.create_handler()
+        try:
+            yield handler
+        finally:
+            try:
+                handler.close()
+            except Exception:
+                logger.exception(
+                    "Handler %s: close() raised", self.name, extra={"handler": self.name}
+                )
 
 
 def _dotted_path(factory: object) -> str:
