@@ -51,6 +51,7 @@ class EventLoop:
         self._thread: threading.Thread | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._running = 0
+        self._stopped = False
 
     @property
     def running(self) -> int:
@@ -64,13 +65,21 @@ class EventLoop:
                 return False
         return True
 
-    def start(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        """Run ``coroutine`` on the loop; call after :meth:`acquire` (the permit goes with it)."""
+    def start(self, coroutine: Coroutine[Any, Any, None]) -> bool:
+        """Run ``coroutine`` on the loop; call after :meth:`acquire` (the permit goes with it).
+
+        False (and nothing runs) once :meth:`stop` was called: no loop is started again.
+        """
+        if self._stopped:
+            coroutine.close()
+            self._permits.release()
+            return False
         loop = self._ensure_loop()
         with self._lock:
             self._running += 1
         future = asyncio.run_coroutine_threadsafe(self._run(coroutine), loop)
         future.add_done_callback(self._ended)
+        return True
 
     async def _run(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.current_task()
@@ -132,6 +141,7 @@ class EventLoop:
     def stop(self, timeout: float) -> None:
         """Stop the loop and its thread (after :meth:`cancel_all`)."""
         with self._lock:
+            self._stopped = True
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
         if loop is None:

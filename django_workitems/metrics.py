@@ -94,7 +94,9 @@ class _ItemCollector:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._tallies: list[_ThreadTally] = []
+        self._tallies: list[tuple[threading.Thread, _ThreadTally]] = []
+        self._retired = _ThreadTally()
+        """What threads that have ended counted (folded in, so the list stays short)."""
         self._local = threading.local()
 
     def tally(self) -> _ThreadTally:
@@ -102,14 +104,32 @@ class _ItemCollector:
         if tally is None:
             tally = self._local.tally = _ThreadTally()
             with self._lock:
-                self._tallies.append(tally)
+                self._retire_ended()
+                self._tallies.append((threading.current_thread(), tally))
         return tally
+
+    def _retire_ended(self) -> None:
+        """Fold the tallies of ended threads into one (they no longer change); under the lock."""
+        live = []
+        for thread, tally in self._tallies:
+            if thread.is_alive():
+                live.append((thread, tally))
+                continue
+            retired = self._retired
+            for key, count in tally.outcomes.items():
+                retired.outcomes[key] = retired.outcomes.get(key, 0) + count
+            for handler, row in tally.durations.items():
+                total = retired.durations.setdefault(handler, [0.0] * len(row))
+                for i, value in enumerate(row):
+                    total[i] += value
+        self._tallies = live
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
         with self._lock:
-            tallies = list(self._tallies)
+            self._retire_ended()
+            tallies = [self._retired, *(tally for _, tally in self._tallies)]
         outcomes: dict[tuple[str, str], int] = {}
         durations: dict[str, list[float]] = {}
         for tally in tallies:

@@ -611,12 +611,14 @@ class WorkItemProcessingService:
         """Start an async item on the event loop, when it has room (``ASYNC_CONCURRENCY``)."""
         if self._fenced(key, activation, item):
             return
-        if not self.loop.acquire(stopped=lambda: self._stopping):
-            self.channel.task_done(key)
-            self._give_back(activation, [item], "the worker is shutting down")
-            self._after(activation, activation.items_released(1))
+        if self.loop.acquire(stopped=lambda: self._stopping) and self.loop.start(
+            self._process_async(key, activation, item)
+        ):
             return
-        self.loop.start(self._process_async(key, activation, item))
+        # Stopping (no room came, or the loop has stopped): the item goes back, untouched.
+        self.channel.task_done(key)
+        self._give_back(activation, [item], "the worker is shutting down")
+        self._after(activation, activation.items_released(1))
 
     async def _process_async(self, key: str, activation: Activation, item: Any) -> None:
         handler = activation.handler

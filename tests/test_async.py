@@ -116,3 +116,21 @@ def test_a_queryset_handler_with_an_async_handle_writes_its_outcomes_from_the_lo
     failed = Task.objects.get(action="fail")
     assert (failed.status, failed.attempts) == ("queued", 1)
     assert "is set to fail" in failed.last_error
+
+
+def test_the_event_loop_starts_nothing_once_stopped():
+    from django_workitems.aio import EventLoop
+
+    loop = EventLoop(1)
+    ran = []
+
+    async def item() -> None:
+        ran.append(1)
+
+    assert loop.acquire(stopped=lambda: False) and loop.start(item())
+    loop.stop(5)  # runs what was started first
+    assert ran == [1]
+    assert loop.acquire(stopped=lambda: False)
+    assert loop.start(item()) is False  # no second loop thread after stop
+    assert ran == [1]
+    assert loop.acquire(stopped=lambda: True)  # the refused start gave its permit back

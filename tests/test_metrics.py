@@ -57,6 +57,25 @@ def sample(name: str, **labels: str) -> float | None:
 # The worker's own metrics, in process ---------------------------------------------------------
 
 
+def test_counts_of_threads_that_ended_are_kept_and_their_tallies_folded():
+    import threading
+
+    handler = f"h-{uuid.uuid4().hex[:8]}"
+    threads = [
+        threading.Thread(target=metrics.record_item, args=(handler, "succeeded", 0.01))
+        for _ in range(50)
+    ]
+    for thread in threads:
+        thread.start()
+        thread.join()
+    metrics.record_item(handler, "succeeded", 0.01)  # this thread: folds the ended ones
+    assert sample("workitems_items_total", handler=handler, outcome="succeeded") == 51
+    assert sample("workitems_item_duration_seconds_count", handler=handler) == 51
+    collector = metrics._worker.item_tallies if metrics._worker else None
+    assert collector is not None
+    assert not any(thread in threads for thread, _ in collector._tallies)
+
+
 def test_record_item_counts_outcomes_and_observes_durations_per_handler():
     handler = f"h-{uuid.uuid4().hex[:8]}"
     metrics.record_item(handler, "succeeded", 0.02)
