@@ -31,6 +31,7 @@ class FairChannel(Generic[E]):
         self._queues: dict[str, deque[tuple[E, bool]]] = {}
         self._ring: deque[str] = deque()  # keys with queued entries, in turn order
         self._reserved: Counter[str] = Counter()
+        self._reserved_total = 0  # sum of _reserved, kept so that room costs no sum per take
         self._in_process: Counter[str] = Counter()
         self._limits: dict[str, int] = {}
         self._size = 0
@@ -48,7 +49,7 @@ class FairChannel(Generic[E]):
             return max(0, self._room())
 
     def _room(self) -> int:
-        return self.capacity - self._size - sum(self._reserved.values())
+        return self.capacity - self._size - self._reserved_total
 
     def queued(self, key: str) -> int:
         """Entries of ``key`` queued or reserved (not those in process)."""
@@ -65,6 +66,7 @@ class FairChannel(Generic[E]):
             granted = max(0, min(count, self._room()))
             if granted:
                 self._reserved[key] += granted
+                self._reserved_total += granted
             return granted
 
     def unreserve(self, key: str, count: int) -> None:
@@ -74,11 +76,14 @@ class FairChannel(Generic[E]):
         self._room_freed()
 
     def _release_reservation(self, key: str, count: int) -> None:
-        left = self._reserved[key] - count
+        held = self._reserved[key]
+        left = held - count
         if left > 0:
             self._reserved[key] = left
+            self._reserved_total -= count
         else:
-            del self._reserved[key]
+            self._reserved.pop(key, None)
+            self._reserved_total -= held
 
     def put(
         self,
@@ -128,11 +133,17 @@ class FairChannel(Generic[E]):
 
     # -- consumers --------------------------------------------------------------------------
 
-    def take(self, timeout: float | None = None) -> tuple[str, E] | None:
-        """Next entry in round-robin order; None on time-out or once the channel is closed."""
+    def take(self, timeout: float | None = None, done: str | None = None) -> tuple[str, E] | None:
+        """Next entry in round-robin order; None on time-out or once the channel is closed.
+
+        ``done``: the key of an entry this consumer took earlier and has now processed, as
+        with :meth:`task_done`, in the same turn of the lock (one acquisition per item).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         notify_room = False
         with self._cond:
+            if done is not None:
+                self._done(done)
             while True:
                 if self._closed:
                     return None
@@ -179,13 +190,20 @@ class FairChannel(Generic[E]):
     def task_done(self, key: str) -> None:
         """An entry of ``key`` taken earlier has been processed."""
         with self._cond:
-            self._in_process[key] -= 1
-            if self._in_process[key] <= 0:
-                del self._in_process[key]
-            self._busy -= 1
-            self._solo_running = False if self._busy == 0 else self._solo_running
-            if key in self._limits or self._busy == 0:
-                self._cond.notify_all()
+            self._done(key)
+
+    def _done(self, key: str) -> None:
+        left = self._in_process[key] - 1
+        if left > 0:
+            self._in_process[key] = left
+        else:
+            del self._in_process[key]
+        self._busy -= 1
+        if self._busy == 0:
+            self._solo_running = False
+            self._cond.notify_all()
+        elif key in self._limits:
+            self._cond.notify_all()
 
     # -- shutdown ---------------------------------------------------------------------------
 

@@ -43,26 +43,27 @@ class WorkItem(Protocol):
     id: Any
 
 
+_links = threading.Lock()
+"""Guards every token's cancelled flag, event and children (cancelling and linking are rare)."""
+
+
 class CancellationToken:
     """Cooperative cancellation, set on shutdown and when a run is cancelled.
 
     Tokens form a tree: cancelling a token cancels every token created from it with
     :meth:`child`, so one shutdown reaches every activation without a registry of them.
+    A token is cheap until it is waited on (one is made per item): ``cancelled`` looks up the
+    chain of parents, and only a token that :meth:`wait` sleeps on gets an event and is linked
+    into its parents, so that cancelling one of them wakes it.
     """
 
-    def __init__(self, parent: CancellationToken | None = None) -> None:
-        self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._children: weakref.WeakSet[CancellationToken] = weakref.WeakSet()
-        if parent is not None:
-            parent._adopt(self)
+    __slots__ = ("__weakref__", "_cancelled", "_children", "_event", "_parent")
 
-    def _adopt(self, child: CancellationToken) -> None:
-        with self._lock:
-            self._children.add(child)
-            cancelled = self._event.is_set()
-        if cancelled:
-            child.cancel()
+    def __init__(self, parent: CancellationToken | None = None) -> None:
+        self._parent = parent
+        self._cancelled = False
+        self._event: threading.Event | None = None
+        self._children: weakref.WeakSet[CancellationToken] | None = None
 
     def child(self) -> CancellationToken:
         """A token that is cancelled with this one, and may be cancelled on its own."""
@@ -70,25 +71,53 @@ class CancellationToken:
 
     @property
     def cancelled(self) -> bool:
-        """True once cancellation was requested."""
-        return self._event.is_set()
+        """True once cancellation was requested, of this token or of one it was made from."""
+        token: CancellationToken | None = self
+        while token is not None:
+            if token._cancelled:
+                return True
+            token = token._parent
+        return False
 
     def cancel(self) -> None:
         """Request cancellation of this token and of all its children."""
-        with self._lock:
-            self._event.set()
-            children = list(self._children)
+        with _links:
+            self._cancelled = True
+            event = self._event
+            children = list(self._children) if self._children else []
+        if event is not None:
+            event.set()
         for child in children:
             child.cancel()
 
     def raise_if_cancelled(self) -> None:
         """Raise :class:`Cancelled` if cancellation was requested."""
-        if self._event.is_set():
+        if self.cancelled:
             raise Cancelled("The work was cancelled")
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; return True at once when cancelled, False on time-out."""
-        return self._event.wait(max(0.0, seconds))
+        if self.cancelled:
+            return True
+        return self._waitable().wait(max(0.0, seconds))
+
+    def _waitable(self) -> threading.Event:
+        """This token's event, linked into its parents so that their cancel sets it."""
+        with _links:
+            event = self._event
+            if event is None:
+                event = self._event = threading.Event()
+                child, parent = self, self._parent
+                while parent is not None:
+                    if parent._children is None:
+                        parent._children = weakref.WeakSet()
+                    elif child in parent._children:
+                        break  # linked already, and so are its parents
+                    parent._children.add(child)
+                    child, parent = parent, parent._parent
+        if self.cancelled:  # cancelled before the link: nobody will set it
+            event.set()
+        return event
 
     def __repr__(self) -> str:
         return f"<CancellationToken cancelled={self.cancelled}>"
@@ -157,6 +186,8 @@ def call_handler(method: Callable[..., Any], *args: Any) -> Any:
     uses the calling pool thread's own connection.
     """
     result = method(*args)
+    if result is None:  # the common case of ``process``: no awaitable to look for
+        return None
     if inspect.isawaitable(result):
         return async_to_sync(_await)(result)
     return result

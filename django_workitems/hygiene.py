@@ -11,10 +11,27 @@ starts clean.
 from __future__ import annotations
 
 import logging
+import threading
 
 from django.db import connections, reset_queries
+from django.db.backends.base.base import BaseDatabaseWrapper
 
 logger = logging.getLogger("django_workitems.hygiene")
+
+
+_local = threading.local()
+
+
+def _mine() -> list[BaseDatabaseWrapper]:
+    """This thread's connection objects, looked up once.
+
+    Django gives a thread one wrapper per alias for the thread's whole life, so a worker thread
+    need not go through ``connections`` (an asgiref ``Local``) after every unit of work.
+    """
+    mine: list[BaseDatabaseWrapper] | None = getattr(_local, "connections", None)
+    if mine is None:
+        mine = _local.connections = [connections[alias] for alias in connections]
+    return mine
 
 
 def after_work(*, idle: bool) -> None:
@@ -23,18 +40,32 @@ def after_work(*, idle: bool) -> None:
     Closes this thread's connections that are broken, obsolete, left with autocommit off or,
     when ``idle``, stale under ``CONN_MAX_AGE``; clears ``connection.queries`` (DEBUG).
     """
-    for conn in connections.all(initialized_only=True):
-        if conn.queries_logged:
+    for conn in _mine():
+        if conn.queries_log:  # not ``queries_logged``: reading settings.DEBUG costs more
             conn.queries_log.clear()
         if conn.connection is None:
             continue
-        if (
-            idle
-            or conn.errors_occurred
-            or conn.settings_dict.get("CONN_MAX_AGE", 0) != 0
-            or conn.get_autocommit() != conn.settings_dict.get("AUTOCOMMIT", True)
-        ):
+        if idle or _needs_check(conn) or not _autocommit_as_configured(conn):
             conn.close_if_unusable_or_obsolete()
+
+
+def after_item() -> list[str]:
+    """After one item, in one pass: :func:`open_transactions`, then ``after_work(idle=False)``.
+
+    Returns the aliases left inside a transaction (now rolled back and closed).
+    """
+    leaked: list[str] = []
+    for conn in _mine():
+        if conn.queries_log:  # not ``queries_logged``: reading settings.DEBUG costs more
+            conn.queries_log.clear()
+        if conn.connection is None:
+            continue
+        if _in_transaction(conn):
+            leaked.append(conn.alias)
+            _discard(conn)
+        elif _needs_check(conn):
+            conn.close_if_unusable_or_obsolete()
+    return leaked
 
 
 def close_all() -> None:
@@ -54,31 +85,49 @@ def open_transactions() -> list[str]:
     otherwise make every later query on this thread part of one transaction that never commits.
     """
     leaked = []
-    for conn in connections.all(initialized_only=True):
-        if conn.connection is None:
-            continue
-        try:
-            in_transaction = conn.in_atomic_block or not conn.get_autocommit()
-        except Exception:
-            in_transaction = True
-        if not in_transaction:
-            continue
-        leaked.append(conn.alias)
-        # The atomic() bookkeeping of a block that was never exited cannot be unwound from
-        # outside: forget it, then close the connection, which discards the transaction on
-        # the server (nothing of it is committed); the next unit reconnects cleanly.
-        conn.in_atomic_block = False
-        conn.savepoint_ids = []
-        conn.atomic_blocks = []
-        conn.needs_rollback = False
-        conn.closed_in_transaction = False
-        conn.run_on_commit = []
-        try:
-            conn.close()
-        except Exception:
-            logger.debug("closing %s failed", conn.alias, exc_info=True)
-            conn.connection = None
+    for conn in _mine():
+        if conn.connection is not None and _in_transaction(conn):
+            leaked.append(conn.alias)
+            _discard(conn)
     return leaked
+
+
+def _needs_check(conn: BaseDatabaseWrapper) -> bool:
+    return conn.errors_occurred or conn.settings_dict.get("CONN_MAX_AGE", 0) != 0
+
+
+def _autocommit_as_configured(conn: BaseDatabaseWrapper) -> bool:
+    try:
+        return bool(conn.get_autocommit() == conn.settings_dict.get("AUTOCOMMIT", True))
+    except Exception:
+        return False
+
+
+def _in_transaction(conn: BaseDatabaseWrapper) -> bool:
+    try:
+        return bool(conn.in_atomic_block or not conn.get_autocommit())
+    except Exception:
+        return True
+
+
+def _discard(conn: BaseDatabaseWrapper) -> None:
+    """Throw away a connection left inside a transaction: nothing of it is committed.
+
+    The atomic() bookkeeping of a block that was never exited cannot be unwound from outside:
+    forget it, then close the connection, which discards the transaction on the server; the
+    next unit reconnects cleanly.
+    """
+    conn.in_atomic_block = False
+    conn.savepoint_ids = []
+    conn.atomic_blocks = []
+    conn.needs_rollback = False
+    conn.closed_in_transaction = False
+    conn.run_on_commit = []
+    try:
+        conn.close()
+    except Exception:
+        logger.debug("closing %s failed", conn.alias, exc_info=True)
+        conn.connection = None
 
 
 def apply_connection_timeouts(lease_timeout_seconds: float) -> None:

@@ -262,6 +262,13 @@ class ItemFailure(models.Model):
         return f"{self.item_id}: {self.error_type}"
 
 
+def quoted_column(model: type[models.Model], name: str, *, using: str) -> str:
+    """The quoted column of field ``name`` of ``model``, for SQL this app writes itself."""
+    field = model._meta.get_field(name)
+    assert isinstance(field, models.Field) and field.column
+    return str(connections[using].ops.quote_name(field.column))
+
+
 def lease_is_free(now: datetime) -> Q:
     """Rows whose lease nobody holds, or whose holder let it expire."""
     return Q(lease_owner="") | Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
@@ -375,9 +382,7 @@ class WorkItemQuerySet(models.QuerySet[_W]):
         sub_sql, sub_params = picked.query.get_compiler(using=self.db).as_sql()
 
         def column(name: str) -> str:
-            field = meta.get_field(name)
-            assert isinstance(field, models.Field) and field.column
-            return str(quote(field.column))
+            return quoted_column(self.model, name, using=self.db)
 
         assert meta.pk is not None
         attempts = column("attempts")

@@ -502,9 +502,11 @@ class WorkItemProcessingService:
 
     def _pool_worker(self, slot: Slot) -> None:
         current_worker_id.set(self.worker_id)
+        done: str | None = None  # the item just processed, told to the channel with the next take
         try:
             while True:
-                found = self.channel.take(timeout=IDLE_AFTER)
+                found = self.channel.take(timeout=IDLE_AFTER, done=done)
+                done = None
                 if found is None:
                     if self.channel.closed:
                         return
@@ -516,7 +518,9 @@ class WorkItemProcessingService:
                 key, (activation, item) = found
                 if activation.is_async:
                     self._start_async(key, activation, item)
-                elif not self._process(slot, key, activation, item):
+                    continue
+                done = self._process(slot, key, activation, item)
+                if slot.given_up:
                     return  # given up on: this thread is no longer part of the pool
         finally:
             if slot.given_up:
@@ -541,10 +545,14 @@ class WorkItemProcessingService:
         self._after(activation, step)
         return True
 
-    def _process(self, slot: Slot, key: str, activation: Activation, item: Any) -> bool:
-        """Process one item; False when the thread was given up on meanwhile."""
+    def _process(self, slot: Slot, key: str, activation: Activation, item: Any) -> str | None:
+        """Process one item (unless the thread was given up on meanwhile: ``slot.given_up``).
+
+        Returns ``key`` when the channel is still to be told that the item ended (the pool
+        thread does so with its next take), None when it has been told.
+        """
         if self._fenced(key, activation, item):
-            return True
+            return None
         handler = activation.handler
         assert handler is not None  # items are queued only after their handler fetched them
         item_id = describe_item(item)
@@ -565,18 +573,20 @@ class WorkItemProcessingService:
             failure = Failure.of(item_id, exc)
         finally:
             log_context.reset(context)
-        leaked = hygiene.open_transactions()  # rolled back whatever the outcome
+        leaked = hygiene.after_item()  # rolled back whatever the outcome
         if outcome is ItemOutcome.SUCCEEDED and failure is None:
             failure = _leak(item_id, leaked)
         elapsed = time.monotonic() - started
         if not slot.end():
-            return False
+            return None
         if outcome is ItemOutcome.RELEASED:
             self._give_back(activation, [item], "the worker is shutting down")
-        step = self._item_ended(key, activation, item_id, outcome, failure, elapsed)
-        hygiene.after_work(idle=False)
+        step = self._item_ended(key, activation, item_id, outcome, failure, elapsed, done=False)
+        if step is Step.NONE:
+            return key  # the common case: nothing else to do before the next take
+        self.channel.task_done(key)
         self._after(activation, step)
-        return True
+        return None
 
     def _item_ended(
         self,
@@ -586,8 +596,13 @@ class WorkItemProcessingService:
         outcome: ItemOutcome,
         failure: Failure | None,
         elapsed: float,
+        *,
+        done: bool = True,
     ) -> Step:
-        """Count an item that ended (any thread; no database): log, stats, the activation."""
+        """Count an item that ended (any thread; no database): log, stats, the activation.
+
+        With ``done=False`` the caller tells the channel itself (``task_done``) afterwards.
+        """
         if failure is not None and outcome is not ItemOutcome.RELEASED:
             outcome = ItemOutcome.FAILED
             logger.error(
@@ -602,7 +617,8 @@ class WorkItemProcessingService:
         self.stats.observe(activation.name, elapsed)
         metrics.record_item(activation.name, outcome.value, elapsed)
         step = activation.item_ended(outcome, failure)
-        self.channel.task_done(key)
+        if done:
+            self.channel.task_done(key)
         return step
 
     # -- async items (a pool thread starts them; the event loop runs them) -----------------
@@ -1002,9 +1018,7 @@ async def _finished_within(task: asyncio.Future[Any], seconds: float) -> bool:
 
 def _after_async_item() -> list[str]:
     """On the thread sync_to_async shares: roll back a leaked transaction, drop stale links."""
-    leaked = hygiene.open_transactions()
-    hygiene.after_work(idle=False)
-    return leaked
+    return hygiene.after_item()
 
 
 def results_of(activations: Iterable[Activation]) -> dict[str, ActivationResult]:

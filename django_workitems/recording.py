@@ -17,13 +17,22 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
 from . import hygiene, wakeups
 from .log import plural
-from .models import Handler, HandlerRun, ItemFailure, RunStatus, Worker, db_now, db_now_plus
+from .models import (
+    Handler,
+    HandlerRun,
+    ItemFailure,
+    RunStatus,
+    Worker,
+    db_now,
+    db_now_plus,
+    quoted_column,
+)
 from .registry import Registration
 
 if TYPE_CHECKING:
@@ -113,12 +122,27 @@ def request_run(name: str, using: str = DEFAULT_DB_ALIAS) -> bool:
     """Ask running workers to activate ``name`` now; False when it has no ``Handler`` row.
 
     Sets ``run_requested_at`` (workers read it within a second) and, on PostgreSQL, sends the
-    ``NOTIFY`` that wakes them at once.
+    ``NOTIFY`` that wakes them at once: both in one statement, so one round trip and one commit
+    (inside a transaction, the notification goes out with its commit).
     """
-    updated = Handler.objects.using(using).filter(name=name).update(run_requested_at=timezone.now())
-    if updated:
-        wakeups.send(name, using=using)
-    return updated == 1
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        updated = (
+            Handler.objects.using(using).filter(name=name).update(run_requested_at=timezone.now())
+        )
+        return updated == 1
+    quote = connection.ops.quote_name
+    meta = Handler._meta
+    column = {f: quoted_column(Handler, f, using=using) for f in ("name", "run_requested_at")}
+    # Only this model's quoted identifiers are interpolated; values are parameters.
+    sql = (
+        f"WITH requested AS (UPDATE {quote(meta.db_table)} "  # noqa: S608
+        f"SET {column['run_requested_at']} = %s WHERE {column['name']} = %s "
+        f"RETURNING {column['name']}) SELECT pg_notify(%s, {column['name']}) FROM requested"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [timezone.now(), name, wakeups.CHANNEL])
+        return len(cursor.fetchall()) == 1
 
 
 def _db_now_minus(delta: timedelta) -> Any:

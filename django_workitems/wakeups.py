@@ -1,4 +1,5 @@
-"""Instant wake-ups on PostgreSQL: ``NOTIFY`` from ``notify()``, ``LISTEN`` in every worker.
+"""Instant wake-ups on PostgreSQL: ``NOTIFY`` from ``notify()`` (in the same statement as the
+request, see ``recording.request_run``), ``LISTEN`` in every worker.
 
 Elsewhere workers see ``Handler.run_requested_at`` within a second, so this is an
 accelerator, never the only path: a lost notification costs at most that second.
@@ -15,18 +16,6 @@ from django.db import DEFAULT_DB_ALIAS, connections
 logger = logging.getLogger("django_workitems.wakeups")
 
 CHANNEL = "django_workitems"
-
-
-def send(name: str, using: str = DEFAULT_DB_ALIAS) -> None:
-    """Tell listening workers to activate handler ``name`` (PostgreSQL; a no-op elsewhere).
-
-    Inside a transaction the notification is delivered at commit, with the row it announces.
-    """
-    connection = connections[using]
-    if connection.vendor != "postgresql":
-        return
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, name])
 
 
 class Listener:
