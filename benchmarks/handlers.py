@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from django.db.models import F
+
 import django_workitems as workitems
 
 from .models import BenchItem
@@ -39,6 +41,18 @@ class DrainHandler(workitems.QuerySetHandler[BenchItem]):
 
     def handle(self, obj: BenchItem, cancel: workitems.CancellationToken) -> None:
         pass
+
+
+def orm_work(pk: int) -> None:
+    """The work of one item of workloads 13 and 14: one ORM UPDATE (engine and plain loop)."""
+    BenchItem.objects.filter(pk=pk).update(handled=F("handled") + 1)
+
+
+class OrmHandler(DrainHandler):
+    """Workloads 13 and 14: each item is one ORM UPDATE of its own row (``handled + 1``)."""
+
+    def handle(self, obj: BenchItem, cancel: workitems.CancellationToken) -> None:
+        orm_work(obj.pk)
 
 
 class IoHandler(DrainHandler):
@@ -200,10 +214,12 @@ __all__: Sequence[str] = [
     "EndlessHandler",
     "IoHandler",
     "ListHandler",
+    "OrmHandler",
     "RecoverHandler",
     "SlowHandler",
     "StaticHandler",
     "Stopwatch",
     "Ticket",
     "WakeHandler",
+    "orm_work",
 ]
