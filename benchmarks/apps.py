@@ -9,7 +9,7 @@ class BenchmarksConfig(AppConfig):
     def ready(self) -> None:
         import django_workitems as workitems
 
-        from . import statements
+        from . import census
         from .handlers import (
             DrainHandler,
             EndlessHandler,
@@ -29,4 +29,4 @@ class BenchmarksConfig(AppConfig):
         workitems.add_handler(RecoverHandler, name="bench.recover", max_items_per_cycle=100)
         workitems.add_handler(EndlessHandler, name="bench.memory")
         workitems.add_handler(OrmHandler, name="bench.orm", max_items_per_cycle=100)
-        statements.install()  # only with BENCH_STATEMENTS set (workload 13's census)
+        census.install()  # only with BENCH_CENSUS set (workload 13)

@@ -15,6 +15,7 @@ from django.db.models import F
 
 import django_workitems as workitems
 
+from . import census
 from .models import BenchItem
 
 IO_SECONDS = 0.02
@@ -45,7 +46,9 @@ class DrainHandler(workitems.QuerySetHandler[BenchItem]):
 
 def orm_work(pk: int) -> None:
     """The work of one item of workloads 13 and 14: one ORM UPDATE (engine and plain loop)."""
+    started = census.started()
     BenchItem.objects.filter(pk=pk).update(handled=F("handled") + 1)
+    census.ended(started)
 
 
 class OrmHandler(DrainHandler):

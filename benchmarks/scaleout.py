@@ -10,8 +10,12 @@ plain loops with SIGUSR1). Each side is timed on the database's clock, from the 
 for neither. A row's ``handled`` column counts the times its work was done: a row done more
 than once is a claim collision.
 
+Workload 13 also takes one untimed census of each side (:mod:`benchmarks.census`): statements
+per item, how busy the pool was, CPU per item: where the engine's time goes.
+
 PostgreSQL only: the plain loop's claim is PostgreSQL's, and on SQLite one write lock serialises
-every process anyway; on SQLite these workloads report nothing.
+every process anyway; on SQLite these workloads report nothing. :mod:`benchmarks.workloads`
+imports this module at its end (for ``WORKLOADS``): import that one first.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from django.db import connection
 from django.db.models import Max, Min
@@ -28,7 +33,7 @@ from django.db.models import Max, Min
 import django_workitems as workitems
 from django_workitems.models import Worker
 
-from . import statements
+from . import census as census_
 from .models import BenchItem
 from .results import Result
 from .workloads import (
@@ -61,7 +66,8 @@ class Drain:
     """Rows whose work was done more than once."""
     reclaimed: int
     """Rows claimed more than once (``attempts > 1``)."""
-    statements: dict[str, int] = field(default_factory=dict)
+    census: dict[str, Any] = field(default_factory=dict)
+    """What the census pass of workload 13 recorded (:mod:`benchmarks.census`), else empty."""
 
     @property
     def items_per_s(self) -> float:
@@ -111,16 +117,16 @@ def _wait_drained(fleet: list[Subprocess], count: int) -> None:
 
 
 def _census_env(census: Path | None, i: int) -> dict[str, str]:
-    return {statements.ENV: str(census / f"{i}.json")} if census else {}
+    return {census_.ENV: str(census / f"{i}.json")} if census else {}
 
 
-def _census(census: Path | None, processes: int) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    if census:
-        for i in range(processes):
-            for kind, n in statements.read(census / f"{i}.json").items():
-                counts[kind] = counts.get(kind, 0) + n
-    return counts
+def _census(census: Path | None, processes: int) -> dict[str, Any]:
+    """The census of one process (workload 13 takes it of one process at a time)."""
+    if not census:
+        return {}
+    if processes != 1:
+        raise BenchError("a census is taken of one process at a time")
+    return census_.read(census / "0.json")
 
 
 def engine_drain(bench: Bench, processes: int, count: int, census: Path | None = None) -> Drain:
@@ -154,7 +160,7 @@ def engine_drain(bench: Bench, processes: int, count: int, census: Path | None =
         for worker in fleet:
             worker.stop()
     drain = _measure(ENGINE, processes, count)
-    drain.statements = _census(census, processes)
+    drain.census = _census(census, processes)
     return drain
 
 
@@ -187,7 +193,7 @@ def plain_drain(bench: Bench, processes: int, count: int, census: Path | None = 
         for process in fleet:
             process.stop()
     drain = _measure(PLAIN, processes, count)
-    drain.statements = _census(census, processes)
+    drain.census = _census(census, processes)
     return drain
 
 
@@ -211,10 +217,29 @@ def _skipped(bench: Bench, number: int) -> bool:
 # -- 13: one process, each item one ORM UPDATE ---------------------------------------------
 
 
+def _profile(census: dict[str, Any], items: int) -> dict[str, Any]:
+    """Per item, from a census pass: statements (by kind and in all), the pool's occupancy
+    and the process's CPU time while items ran."""
+    spans = [(start, end) for start, end in census["items"]]
+    if len(spans) != items:
+        raise BenchError(f"the census saw {len(spans)} of {items} items")
+    counts: dict[str, int] = census["statements"]
+    cpu = census["cpu"]
+    pool = census_.occupancy(spans)
+    return {
+        "statements": sum(counts.values()) / items,
+        "statements_by_kind": _per_item(counts, items),
+        "cpu_us": 1e6 * (cpu[-1] - cpu[0]) / items,
+        "cpu_cores": (cpu[-1] - cpu[0]) / pool["window_s"],
+        **pool,
+    }
+
+
 def orm_drain(bench: Bench) -> list[Result]:
     """Workload 13: 20,000 rows, each item one ORM UPDATE; one ``runworkitems`` (4 threads)
     against one plain loop (``ThreadPoolExecutor(4)``), best of a few interleaved runs; then
-    one untimed census of each side's statements (:mod:`benchmarks.statements`)."""
+    one untimed census pass of each side (:mod:`benchmarks.census`): statements per item, how
+    busy the pool was, the process's CPU per item."""
     if _skipped(bench, 13):
         return []
     count = bench.sizes.orm_items
@@ -223,22 +248,26 @@ def orm_drain(bench: Bench) -> list[Result]:
     for _ in range(bench.sizes.repeats):  # interleaved, so drift in the machine hits both
         plain.append(plain_drain(bench, 1, count))
         engine.append(engine_drain(bench, 1, count))
-    census_items = bench.sizes.census_items
+    items = bench.sizes.census_items
+    profile = {}
     with tempfile.TemporaryDirectory(prefix="bench-census-") as tmp:
-        census = {}
         for side, run in ((PLAIN, plain_drain), (ENGINE, engine_drain)):
             (Path(tmp) / side).mkdir()
-            census[side] = run(bench, 1, census_items, Path(tmp) / side).statements
-    per_item = {side: _per_item(counts, census_items) for side, counts in census.items()}
-    totals = {side: sum(counts.values()) / census_items for side, counts in census.items()}
+            profile[side] = _profile(run(bench, 1, items, Path(tmp) / side).census, items)
     figure, baseline = _best(engine).items_per_s, _best(plain).items_per_s
     ratio = figure / baseline
+    e, p = profile[ENGINE], profile[PLAIN]
+    bench.say(f"13 ORM drain: {figure:,.0f} items/s vs plain {baseline:,.0f} ({ratio:.2f})")
     bench.say(
-        f"13 ORM drain: {figure:,.0f} items/s vs plain {baseline:,.0f} ({ratio:.2f}); "
-        f"statements per item {totals[ENGINE]:.3f} vs {totals[PLAIN]:.3f}"
+        f"13 census of {items:,} items, engine vs plain: statements/item {e['statements']:.3f} vs "
+        f"{p['statements']:.3f}; CPU/item {e['cpu_us']:.0f} vs {p['cpu_us']:.0f} us "
+        f"({e['cpu_cores']:.2f} vs {p['cpu_cores']:.2f} cores); pool idle {e['pool_idle']:.1%} "
+        f"vs {p['pool_idle']:.1%}; threads in an item {e['threads_busy']:.2f} vs "
+        f"{p['threads_busy']:.2f}; item {e['item_ms']:.2f} vs {p['item_ms']:.2f} ms"
     )
-    bench.say(f"13 statements per item, engine: {per_item[ENGINE]}")
-    bench.say(f"13 statements per item, plain: {per_item[PLAIN]}")
+    bench.say(f"13 statements per item, engine: {e['statements_by_kind']}")
+    bench.say(f"13 statements per item, plain: {p['statements_by_kind']}")
+    census_details = {"items": items, ENGINE: e, PLAIN: p}
     return [
         Result(
             workload="13 drain, each item one ORM UPDATE",
@@ -266,17 +295,39 @@ def orm_drain(bench: Bench) -> list[Result]:
         Result(
             workload="13 statements per item (context)",
             db=bench.db,
-            figure=totals[ENGINE],
+            figure=e["statements"],
             unit="stmt/item",
-            baseline=totals[PLAIN],
+            baseline=p["statements"],
             baseline_label="plain loop",
-            ratio=totals[ENGINE] / totals[PLAIN] if totals[PLAIN] else None,
+            ratio=e["statements"] / p["statements"],
             target="none: context",
             details={
-                "items": census_items,
+                **census_details,
                 "what": "statements executed through Django, start-up and shutdown included",
-                "engine_per_item": per_item[ENGINE],
-                "plain_per_item": per_item[PLAIN],
+            },
+        ),
+        Result(
+            workload="13 process CPU per item (context)",
+            db=bench.db,
+            figure=e["cpu_us"],
+            unit="us",
+            baseline=p["cpu_us"],
+            baseline_label="plain loop",
+            ratio=e["cpu_us"] / p["cpu_us"],
+            target="none: context",
+            details={"what": "CPU time of the process, all threads, first item to last"},
+        ),
+        Result(
+            workload="13 pool idle with work waiting (context)",
+            db=bench.db,
+            figure=100 * e["pool_idle"],
+            unit="%",
+            baseline=100 * p["pool_idle"],
+            baseline_label="plain loop",
+            target="none: context",
+            details={
+                "what": "time from the first item to the last with no thread in an item's work",
+                "threads_busy": {ENGINE: e["threads_busy"], PLAIN: p["threads_busy"]},
             },
         ),
     ]
