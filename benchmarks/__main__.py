@@ -5,6 +5,8 @@ creates and drops), runs each database's workloads in a process of its own with 
 ``DATABASE_URL``, prints the table and writes it, with the machine's facts, to
 ``build/bench.json``. ``--quick`` is a small-N smoke run: it keeps the benchmarks working and
 asserts nothing about speed (the exit status says only whether every workload ran).
+``BENCH_PG_DATABASE`` names the PostgreSQL database (default ``bench_workitems``), so two runs
+can share a server.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "build" / "bench"
 DEFAULT_JSON = ROOT / "build" / "bench.json"
 DATABASES = ("sqlite", "postgresql")
-PG_DATABASE = "bench_workitems"
+PG_DATABASE = os.environ.get("BENCH_PG_DATABASE", "bench_workitems")
 PG_SERVER = "postgres://postgres@127.0.0.1:5432/"
+ALL_WORKLOADS = ",".join(str(n) for n in range(1, 15))
+"""The numbers of ``benchmarks.workloads.WORKLOADS`` (not imported here: Django is not set up)."""
 
 
 @contextlib.contextmanager
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=DATABASES,
         help="database to benchmark (repeatable; default: both)",
     )
-    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10,11,12", help="workloads, e.g. 1,4")
+    parser.add_argument("--only", default=ALL_WORKLOADS, help="workloads, e.g. 1,4")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
     parser.add_argument(
         "--postgres-url",

@@ -9,10 +9,12 @@ class BenchmarksConfig(AppConfig):
     def ready(self) -> None:
         import django_workitems as workitems
 
+        from . import census
         from .handlers import (
             DrainHandler,
             EndlessHandler,
             IoHandler,
+            OrmHandler,
             RecoverHandler,
             SlowHandler,
             WakeHandler,
@@ -26,3 +28,5 @@ class BenchmarksConfig(AppConfig):
         workitems.add_handler(SlowHandler, name="bench.slow", max_items_per_cycle=100)
         workitems.add_handler(RecoverHandler, name="bench.recover", max_items_per_cycle=100)
         workitems.add_handler(EndlessHandler, name="bench.memory")
+        workitems.add_handler(OrmHandler, name="bench.orm", max_items_per_cycle=100)
+        census.install()  # only with BENCH_CENSUS set (workload 13)

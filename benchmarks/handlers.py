@@ -11,8 +11,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from django.db.models import F
+
 import django_workitems as workitems
 
+from . import census
 from .models import BenchItem
 
 IO_SECONDS = 0.02
@@ -39,6 +42,20 @@ class DrainHandler(workitems.QuerySetHandler[BenchItem]):
 
     def handle(self, obj: BenchItem, cancel: workitems.CancellationToken) -> None:
         pass
+
+
+def orm_work(pk: int) -> None:
+    """The work of one item of workloads 13 and 14: one ORM UPDATE (engine and plain loop)."""
+    started = census.started()
+    BenchItem.objects.filter(pk=pk).update(handled=F("handled") + 1)
+    census.ended(started)
+
+
+class OrmHandler(DrainHandler):
+    """Workloads 13 and 14: each item is one ORM UPDATE of its own row (``handled + 1``)."""
+
+    def handle(self, obj: BenchItem, cancel: workitems.CancellationToken) -> None:
+        orm_work(obj.pk)
 
 
 class IoHandler(DrainHandler):
@@ -200,10 +217,12 @@ __all__: Sequence[str] = [
     "EndlessHandler",
     "IoHandler",
     "ListHandler",
+    "OrmHandler",
     "RecoverHandler",
     "SlowHandler",
     "StaticHandler",
     "Stopwatch",
     "Ticket",
     "WakeHandler",
+    "orm_work",
 ]

@@ -1,8 +1,9 @@
-"""The seven workloads of issue 6, run in a process configured (once) for one database.
+"""The workloads of the benchmark, run in a process configured (once) for one database.
 
 Each workload measures its figure and its baseline in this run and returns :class:`Result` rows.
 Workloads 1, 2, 4 and 6 drive real ``runworkitems`` subprocesses (started with this process's
 ``DJANGO_SETTINGS_MODULE`` and ``DATABASE_URL``); 3, 5 and 7 run the engine in this process.
+Workloads 13 and 14 (PostgreSQL only) live in :mod:`benchmarks.scaleout`.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ class Sizes:
     claims: int = 30
     repeats: int = 3
     fairness_repeats: int = 5
+    orm_items: int = 20_000
+    census_items: int = 2_000
+    scaleout_processes: tuple[int, ...] = (1, 2, 4)
 
 
 FULL = Sizes()
@@ -99,6 +103,9 @@ QUICK = Sizes(
     claims=5,
     repeats=1,
     fairness_repeats=1,
+    orm_items=500,
+    census_items=100,
+    scaleout_processes=(1, 2),
 )
 
 
@@ -1168,6 +1175,8 @@ def recovery(bench: Bench) -> list[Result]:
     return results
 
 
+from .scaleout import orm_drain, scale_out  # noqa: E402 - it imports this module's helpers
+
 WORKLOADS: dict[int, Callable[[Bench], list[Result]]] = {
     1: drain_trivial,
     2: drain_io,
@@ -1181,4 +1190,6 @@ WORKLOADS: dict[int, Callable[[Bench], list[Result]]] = {
     10: async_concurrency,
     11: idle_with_work,
     12: recovery,
+    13: orm_drain,
+    14: scale_out,
 }
