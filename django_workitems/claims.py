@@ -23,6 +23,7 @@ import threading
 import time
 import traceback
 import uuid
+import weakref
 from abc import abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Sequence
@@ -32,14 +33,14 @@ from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DatabaseError
+from django.db import DatabaseError, connections
 from django.db.models import F, Q
 from django.db.models.query import QuerySet
 
 from .exceptions import Cancelled
 from .handlers import CancellationToken, WorkItemHandler, call_handler, current_worker_id
 from .log import plural
-from .models import WorkItemModel, WorkItemQuerySet, db_now, db_now_plus
+from .models import ClaimStatement, WorkItemModel, WorkItemQuerySet, db_now, db_now_plus
 
 logger = logging.getLogger("django_workitems.claims")
 
@@ -178,6 +179,12 @@ def _unclaimed() -> dict[str, Any]:
 _local_book = ClaimBook()
 
 
+_statements: weakref.WeakKeyDictionary[QuerySet[Any], dict[tuple[Any, ...], ClaimStatement[Any]]]
+_statements = weakref.WeakKeyDictionary()
+"""Compiled claims by handler ``queryset`` (a class attribute, compiled once per process:
+every activation makes a new handler), then by database, worker and kind of claim."""
+
+
 def claim_book() -> ClaimBook:
     """The book of claims made outside a processing service (which hands out its own)."""
     return _local_book
@@ -283,12 +290,37 @@ class QuerySetHandler(WorkItemHandler[M]):
     ) -> list[M]:
         token = uuid.uuid4()
         try:
+            statement = self._statement(qs, worker_id, **kw)
+            if statement is not None:
+                return statement.run(max_items, worker_id=worker_id, token=token)
             return qs.claim(max_items, worker_id=worker_id, token=token, **kw)
         except DatabaseError:
             # The commit may have happened with its reply lost: those rows would sit
             # ``processing`` under this live worker, where nobody takes them. Undo by token.
             self.claims.claim_lost(qs.model, token)
             raise
+
+    def _statement(
+        self, qs: WorkItemQuerySet[M], worker_id: int | None, **kw: Any
+    ) -> ClaimStatement[M] | None:
+        """The claim's compiled statement, kept as long as the ``queryset`` it came from.
+
+        None where a statement cannot be kept: not PostgreSQL, or ``get_queryset`` overridden
+        (its queryset may differ from one fetch to the next).
+        """
+        if (
+            type(self).get_queryset is not QuerySetHandler.get_queryset
+            or connections[qs.db].vendor != "postgresql"
+        ):
+            return None
+        if self.queryset is None:
+            return None
+        key = (qs.db, worker_id, *sorted(kw.items()))
+        kept = _statements.setdefault(self.queryset, {})
+        statement = kept.get(key)
+        if statement is None:
+            statement = kept[key] = ClaimStatement(qs.claim_candidates(worker_id=worker_id, **kw))
+        return statement
 
     def _take_back(
         self,

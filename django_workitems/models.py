@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from django.conf import settings
 from django.db import connections, models, router, transaction
@@ -326,6 +326,40 @@ class WorkItemQuerySet(models.QuerySet[_W]):
         only be locked in the model's own table.
         """
         token = token or uuid.uuid4()
+        candidates = self.claim_candidates(
+            worker_id=worker_id, reclaim=reclaim, lease_timeout=lease_timeout, where=where
+        )
+        if connections[self.db].vendor == "postgresql":
+            return ClaimStatement(candidates).run(max_items, worker_id=worker_id, token=token)
+        with transaction.atomic(using=self.db):
+            ids = list(candidates.values_list("pk", flat=True)[:max_items])
+            if not ids:
+                return []
+            # Re-check the state in the UPDATE itself: SQLite has no row locks, but with
+            # IMMEDIATE transactions (see the README) the whole claim holds its write lock.
+            candidates.filter(pk__in=ids).update(
+                attempts=F("attempts") + 1,
+                claimed_at=db_now(),
+                modified=db_now(),
+                status=WorkItemModel.STATUS.processing,
+                claimed_by_id=worker_id,
+                claim_token=token,
+            )
+            # Read inside the transaction: if the connection drops before the commit, the claim
+            # is rolled back instead of leaving rows claimed that nobody knows of.
+            return list(
+                self.model._base_manager.using(self.db).filter(claim_token=token).order_by("pk")
+            )
+
+    def claim_candidates(
+        self,
+        *,
+        worker_id: int | None,
+        reclaim: bool = False,
+        lease_timeout: timedelta | None = None,
+        where: Q | None = None,
+    ) -> WorkItemQuerySet[_W]:
+        """The rows :meth:`claim` picks from, in the order it takes them."""
         # The state filters apply to the locked table itself, so a row claimed by another
         # worker meanwhile is re-checked when it is locked, and skipped.
         rows = self._lockable()
@@ -338,27 +372,7 @@ class WorkItemQuerySet(models.QuerySet[_W]):
             candidates = rows.available().order_by("available_at", "pk")
         if where is not None:
             candidates = candidates.filter(where)
-        changes = {
-            "status": WorkItemModel.STATUS.processing,
-            "claimed_by_id": worker_id,
-            "claim_token": token,
-        }
-        if connections[self.db].vendor == "postgresql":
-            return self._claim_in_one_statement(candidates, max_items, changes)
-        with transaction.atomic(using=self.db):
-            ids = list(candidates.values_list("pk", flat=True)[:max_items])
-            if not ids:
-                return []
-            # Re-check the state in the UPDATE itself: SQLite has no row locks, but with
-            # IMMEDIATE transactions (see the README) the whole claim holds its write lock.
-            candidates.filter(pk__in=ids).update(
-                attempts=F("attempts") + 1, claimed_at=db_now(), modified=db_now(), **changes
-            )
-            # Read inside the transaction: if the connection drops before the commit, the claim
-            # is rolled back instead of leaving rows claimed that nobody knows of.
-            return list(
-                self.model._base_manager.using(self.db).filter(claim_token=token).order_by("pk")
-            )
+        return candidates
 
     def _lockable(self) -> WorkItemQuerySet[_W]:
         """This queryset as one over the model's table alone, so its rows can be locked."""
@@ -367,37 +381,6 @@ class WorkItemQuerySet(models.QuerySet[_W]):
             return self
         base: WorkItemQuerySet[_W] = WorkItemQuerySet(model=self.model, using=self.db)
         return base.filter(pk__in=self.order_by().values("pk"))
-
-    def _claim_in_one_statement(
-        self, candidates: WorkItemQuerySet[_W], max_items: int, changes: dict[str, Any]
-    ) -> list[_W]:
-        """PostgreSQL: ``UPDATE ... WHERE pk IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING``.
-
-        One round trip, atomic on its own: the rows are locked, re-checked and taken together.
-        """
-        connection = connections[self.db]
-        quote = connection.ops.quote_name
-        meta = self.model._meta
-        picked = candidates.values("pk")[:max_items]
-        sub_sql, sub_params = picked.query.get_compiler(using=self.db).as_sql()
-
-        def column(name: str) -> str:
-            return quoted_column(self.model, name, using=self.db)
-
-        assert meta.pk is not None
-        attempts = column("attempts")
-        # Only quoted identifiers of this model and Django's own compiled subquery are
-        # interpolated; every value goes through the parameters.
-        sql = (
-            f"UPDATE {quote(meta.db_table)} SET "  # noqa: S608
-            f"{', '.join(f'{column(name)} = %s' for name in changes)}, "
-            f"{column('claimed_at')} = STATEMENT_TIMESTAMP(), "
-            f"{column('modified')} = STATEMENT_TIMESTAMP(), "
-            f"{attempts} = {attempts} + 1 "
-            f"WHERE {column(meta.pk.name)} IN ({sub_sql} FOR UPDATE SKIP LOCKED) RETURNING *"
-        )
-        rows = self.model._base_manager.using(self.db).raw(sql, [*changes.values(), *sub_params])
-        return sorted(rows, key=lambda row: row.pk)
 
     def fail_exhausted_abandoned(
         self, lease_timeout: timedelta, max_attempts: int, *, worker_id: int | None = None
@@ -417,6 +400,82 @@ class WorkItemQuerySet(models.QuerySet[_W]):
                 modified=db_now(),
             )
         )
+
+
+class ClaimStatement(Generic[_W]):
+    """PostgreSQL: ``UPDATE ... WHERE pk IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING``.
+
+    One round trip, atomic on its own: the rows are locked, re-checked and taken together.
+    Compiled once from a queryset of candidates (``QuerySetHandler`` keeps it as long as its
+    queryset is the class's own); each :meth:`run` binds the limit, the worker and the token,
+    and builds the rows as Django would (the fields' database converters, ``from_db``).
+    """
+
+    def __init__(self, candidates: WorkItemQuerySet[_W]) -> None:
+        if candidates.query.is_sliced:
+            raise ValueError(f"cannot claim from a sliced queryset of {candidates.model.__name__}")
+        self.model: type[_W] = candidates.model
+        self.db = candidates.db
+        connection = connections[self.db]
+        quote = connection.ops.quote_name
+        meta = self.model._meta
+        assert meta.pk is not None
+        sub_sql, sub_params = candidates.values("pk").query.get_compiler(using=self.db).as_sql()
+        fields = list(meta.concrete_fields)
+        self._attnames = [f.attname for f in fields]
+
+        def column(name: str) -> str:
+            return quoted_column(self.model, name, using=self.db)
+
+        attempts = column("attempts")
+        # Only quoted identifiers of this model and Django's own compiled subquery are
+        # interpolated; every value goes through the parameters.
+        update = (
+            f"UPDATE {quote(meta.db_table)} SET "  # noqa: S608
+            f"{column('status')} = %s, {column('claimed_by')} = %s, {column('claim_token')} = %s, "
+            f"{column('claimed_at')} = STATEMENT_TIMESTAMP(), "
+            f"{column('modified')} = STATEMENT_TIMESTAMP(), "
+            f"{attempts} = {attempts} + 1 "
+            f"WHERE {column(meta.pk.name)} IN ({sub_sql} LIMIT %s FOR UPDATE SKIP LOCKED)"
+        )
+        returning = f" RETURNING {', '.join(column(f.name) for f in fields)}"
+        self._sql = update + returning
+        # A claim of its own (autocommit) commits without waiting for its WAL flush: that wait
+        # is most of a claim's time, and a claim a database crash loses leaves its rows as they
+        # were, to be claimed again, as at-least-once allows. Nothing that depends on it can
+        # outlive it: every outcome is a durable commit, which flushes the WAL up to itself.
+        self._sql_async = (
+            f"WITH {quote('workitems_claim')} AS MATERIALIZED "  # noqa: S608
+            "(SELECT set_config('synchronous_commit', 'off', true) AS setting) "
+            f"{update} AND (SELECT setting FROM {quote('workitems_claim')}) = 'off'{returning}"
+        )
+        self._params = list(sub_params)
+        self._converters = []
+        for index, field in enumerate(fields):
+            col = field.get_col(meta.db_table)
+            functions = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+            if functions:
+                self._converters.append((index, col, functions))
+
+    def run(self, max_items: int, *, worker_id: int | None, token: uuid.UUID) -> list[_W]:
+        """Claim up to ``max_items`` rows for ``worker_id`` under ``token``, sorted by pk."""
+        connection = connections[self.db]
+        params = [WorkItemModel.STATUS.processing, worker_id, token, *self._params, max_items]
+        # Within a transaction of the caller's, the setting would apply to all of it: not there.
+        own = connection.get_autocommit() and not connection.in_atomic_block
+        with connection.cursor() as cursor:
+            cursor.execute(self._sql_async if own else self._sql, params)
+            fetched = cursor.fetchall()
+        rows = []
+        for values in fetched:
+            if self._converters:
+                values = list(values)
+                for index, col, functions in self._converters:
+                    for function in functions:
+                        values[index] = function(values[index], col, connection)
+            rows.append(self.model.from_db(self.db, self._attnames, values))
+        rows.sort(key=lambda row: row.pk)
+        return rows
 
 
 class WorkItemModel(TimeStampedModel):

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db import DatabaseError
 
 from . import hygiene, metrics, recording
 from .activation import (
@@ -426,23 +425,7 @@ class WorkItemProcessingService:
         first = activation.fetched == 0
         step = activation.fetch_returned(len(items), isolated=any(solo))
         if first:
-            try:
-                activation.run_id = recording.create_run(
-                    activation.handler_id,
-                    worker_id=self.worker_id,
-                    started_at=activation.started_at,
-                    items_fetched=len(items),
-                )
-            except DatabaseError:
-                logger.warning(
-                    "Handler %s: could not record its run yet; its items go ahead",
-                    activation.name,
-                    exc_info=True,
-                    extra=activation.log_extra(),
-                )
-            finally:
-                hygiene.after_work(idle=False)
-            self.recorder.track(activation, activation.run_id)
+            self.recorder.start_run(activation, items_fetched=len(items))
         # Items the handler calls urgent (rows taken back from a dead worker) come first.
         urgent = [_urgent(handler, item) for item in items]
         if any(urgent):

@@ -134,11 +134,19 @@ def request_run(name: str, using: str = DEFAULT_DB_ALIAS) -> bool:
     quote = connection.ops.quote_name
     meta = Handler._meta
     column = {f: quoted_column(Handler, f, using=using) for f in ("name", "run_requested_at")}
+    # A request of its own (autocommit) commits without waiting for its WAL flush: the request
+    # is a hint (a database crash that loses it loses nothing but a wake-up), and the wait is
+    # most of its time. Inside the caller's transaction the setting would apply to all of it.
+    own = connection.get_autocommit() and not connection.in_atomic_block
+    asynchronous = "SELECT set_config('synchronous_commit', 'off', true) AS setting"
     # Only this model's quoted identifiers are interpolated; values are parameters.
     sql = (
         f"WITH requested AS (UPDATE {quote(meta.db_table)} "  # noqa: S608
         f"SET {column['run_requested_at']} = %s WHERE {column['name']} = %s "
-        f"RETURNING {column['name']}) SELECT pg_notify(%s, {column['name']}) FROM requested"
+        f"RETURNING {column['name']})"
+        + (f", unflushed AS MATERIALIZED ({asynchronous})" if own else "")
+        + f" SELECT pg_notify(%s, {column['name']}) FROM requested"  # noqa: S608
+        + (" WHERE (SELECT setting FROM unflushed) = 'off'" if own else "")
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, [timezone.now(), name, wakeups.CHANNEL])
@@ -152,6 +160,24 @@ def _db_now_minus(delta: timedelta) -> Any:
 # Runs --------------------------------------------------------------------------------------
 
 
+def reserve_run_ids(count: int) -> list[int]:
+    """``count`` ids for runs not yet written, from ``HandlerRun``'s sequence (PostgreSQL).
+
+    Empty elsewhere: there a run's id is known only once its row is inserted.
+    """
+    connection = connections[DEFAULT_DB_ALIAS]
+    if connection.vendor != "postgresql":
+        return []
+    meta = HandlerRun._meta
+    assert meta.pk is not None
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)",
+            [connection.ops.quote_name(meta.db_table), meta.pk.column, count],
+        )
+        return [int(row[0]) for row in cursor.fetchall()]
+
+
 def create_run(
     handler_id: int,
     *,
@@ -160,12 +186,31 @@ def create_run(
     items_fetched: int,
     status: str = RunStatus.RUNNING,
     error: str = "",
+    run_id: int | None = None,
 ) -> int:
     """Insert the run of an activation once its first fetch returned; returns its id.
 
-    Idempotent for one activation (same handler, worker and start time): a retry after a lost
-    reply finds the row the first attempt inserted instead of adding a second one.
+    Idempotent for one activation: with a ``run_id`` reserved beforehand, a second insert of it
+    does nothing; without, a retry after a lost reply finds the row the first attempt inserted
+    (same handler, worker and start time) instead of adding a second one.
     """
+    if run_id is not None:
+        HandlerRun.objects.bulk_create(
+            [
+                HandlerRun(
+                    pk=run_id,
+                    handler_id=handler_id,
+                    worker_id=worker_id,
+                    started_at=started_at,
+                    items_fetched=items_fetched,
+                    status=status,
+                    error=error[:MAX_MESSAGE],
+                    finished_at=None if status == RunStatus.RUNNING else timezone.now(),
+                )
+            ],
+            ignore_conflicts=True,
+        )
+        return run_id
     existing = (
         HandlerRun.objects.filter(handler_id=handler_id, worker_id=worker_id, started_at=started_at)  # type: ignore[misc]  # worker_id None matches no row: then a run is inserted
         .values_list("pk", flat=True)
@@ -304,24 +349,35 @@ FLUSH_INTERVAL = 2.0
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 """Pauses between attempts while the database does not answer (the last one repeats)."""
 
+RUN_ID_BLOCK = 32
+"""Run ids reserved at a time (PostgreSQL), so a new run needs no statement before its items."""
+
 
 @dataclass
 class _Run:
     activation: Activation
     run_id: int | None
+    created: bool = True
+    """False while the row of a run whose id was reserved is still to be inserted."""
     failures_written: int = 0
     written: tuple[int, int, int] | None = None
     ended: bool = False
+
+    @property
+    def unwritten(self) -> bool:
+        return self.run_id is None or not self.created
 
 
 class RunRecorder:
     """One thread that writes every run's progress and end, retrying until the database answers.
 
-    Activations register when their first fetch returned (:meth:`track`) and report their end
-    (:meth:`ended`); the recorder reads their counts itself (the activation owns them), writes
-    progress every ``FLUSH_INTERVAL`` and the end as soon as it is reported. Nothing is dropped
-    while the database is away: the runs wait here (at most ``MAX_PENDING_RUNS``; the service
-    starts no activation while the recorder is that far behind).
+    Activations register when their first fetch returned (:meth:`start_run`) and report their
+    end (:meth:`ended`); the recorder reads their counts itself (the activation owns them),
+    writes progress every ``FLUSH_INTERVAL`` and the end as soon as it is reported. On
+    PostgreSQL a run's id is reserved in advance and its row inserted here, after its first
+    items have started; elsewhere :meth:`start_run` inserts it on the caller's thread. Nothing
+    is dropped while the database is away: the runs wait here (at most ``MAX_PENDING_RUNS``;
+    the service starts no activation while the recorder is that far behind).
     """
 
     def __init__(self, *, worker_id: int | None) -> None:
@@ -334,6 +390,9 @@ class RunRecorder:
         self._idle = threading.Event()
         self._idle.set()
         self.failing_since: float | None = None
+        self._run_ids: list[int] = []
+        self._run_ids_lock = threading.Lock()
+        self._reserves_ids = True
 
     def start(self) -> None:
         self._thread.start()
@@ -342,14 +401,52 @@ class RunRecorder:
     def backlog(self) -> int:
         """Runs waiting to be written or ended."""
         with self._cond:
-            return sum(1 for run in self._runs.values() if run.ended or run.run_id is None)
+            return sum(1 for run in self._runs.values() if run.ended or run.unwritten)
 
-    def track(self, activation: Activation, run_id: int | None) -> None:
-        """Follow an activation's run (``run_id`` None: its INSERT failed, the recorder retries)."""
+    def start_run(self, activation: Activation, *, items_fetched: int) -> None:
+        """An activation's first fetch returned items: it is a run from now on.
+
+        Sets ``activation.run_id`` at once where an id can be reserved (its row is inserted on
+        the recorder's thread); elsewhere inserts the row here. If the database refuses, the
+        recorder inserts it later and the items go ahead meanwhile.
+        """
+        try:
+            run_id = self._reserved_run_id()
+            if run_id is not None:
+                activation.run_id = run_id
+                self.track(activation, run_id, created=False)
+                return
+            activation.run_id = create_run(
+                activation.handler_id,
+                worker_id=self.worker_id,
+                started_at=activation.started_at,
+                items_fetched=items_fetched,
+            )
+        except DatabaseError:
+            logger.warning(
+                "Handler %s: could not record its run yet; its items go ahead",
+                activation.name,
+                exc_info=True,
+                extra=activation.log_extra(),
+            )
+        finally:
+            hygiene.after_work(idle=False)
+        self.track(activation, activation.run_id)
+
+    def _reserved_run_id(self) -> int | None:
+        with self._run_ids_lock:
+            if not self._run_ids and self._reserves_ids:
+                self._run_ids = reserve_run_ids(RUN_ID_BLOCK)
+                self._reserves_ids = bool(self._run_ids)
+            return self._run_ids.pop(0) if self._run_ids else None
+
+    def track(self, activation: Activation, run_id: int | None, *, created: bool = True) -> None:
+        """Follow an activation's run; until it is ``created`` (or while ``run_id`` is None: its
+        INSERT failed) the recorder inserts it first."""
         with self._cond:
-            self._runs[activation.serial] = _Run(activation, run_id)
+            run = self._runs[activation.serial] = _Run(activation, run_id, created=created)
             self._idle.clear()
-            if run_id is None:
+            if run.unwritten:
                 self._cond.notify()
 
     def checked(self, handler_id: int) -> None:
@@ -379,7 +476,7 @@ class RunRecorder:
         if self._thread.is_alive():
             self._thread.join(timeout)
         with self._cond:
-            left = [run for run in self._runs.values() if run.ended or run.run_id is None]
+            left = [run for run in self._runs.values() if run.ended or run.unwritten]
         if left:
             logger.error(
                 "%s could not be written before the shutdown deadline; other workers will "
@@ -441,16 +538,12 @@ class RunRecorder:
             hygiene.close_all()
 
     def _urgent(self) -> bool:
-        return bool(self._checked) or any(
-            run.ended or run.run_id is None for run in self._runs.values()
-        )
+        return bool(self._checked) or any(run.ended or run.unwritten for run in self._runs.values())
 
     def _write(self, *, progress: bool) -> None:
         with self._cond:
             checked = set(self._checked)
-            runs = [
-                run for run in self._runs.values() if run.ended or run.run_id is None or progress
-            ]
+            runs = [run for run in self._runs.values() if run.ended or run.unwritten or progress]
         if checked:
             mark_checked(checked)
             with self._cond:
@@ -460,14 +553,17 @@ class RunRecorder:
 
     def _write_run(self, run: _Run) -> None:
         activation = run.activation
-        if run.run_id is None:
+        if run.unwritten:
             run.run_id = create_run(
                 activation.handler_id,
                 worker_id=self.worker_id,
                 started_at=activation.started_at,
                 items_fetched=activation.fetched,
+                run_id=run.run_id,
             )
+            run.created = True
             activation.run_id = run.run_id
+        assert run.run_id is not None
         snapshot = activation.snapshot(failures_from=run.failures_written)
         final = run.ended and snapshot.status is not None
         counts = (snapshot.fetched, snapshot.succeeded, snapshot.failed)

@@ -126,8 +126,9 @@ def plan_fetches(
     is claimed in real batches, not one item per freed slot.
 
     The room goes to the handlers in the order they were last served (``served``: a sequence
-    number, smaller is longer ago); when the next in turn does not fit, nobody behind it is
-    served either, so no handler is served twice while another waits.
+    number, smaller is longer ago). The next in turn takes what is left once at least half its
+    ask fits; when not even that fits, nobody behind it is served either, so no handler is
+    served twice while another waits.
     """
     wanting: dict[str, tuple[Fetchable, int]] = {}
     for activation in sorted(candidates, key=lambda a: a.serial):
@@ -150,7 +151,11 @@ def plan_fetches(
         activation, want = wanting[name]
         ask = min(want, share)
         if ask > left:
-            break
+            if left < max(1, (ask + 1) // 2):
+                break
+            # At least half its ask fits: it takes the rest now rather than waiting until the
+            # channel is empty (the pool would idle at every batch boundary).
+            ask = left
         plans.append(FetchPlan(activation, ask))
         left -= ask
     return plans

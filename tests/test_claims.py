@@ -12,9 +12,10 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 import django_workitems as workitems
+from django_workitems import recording
 from django_workitems.background import run_once
 from django_workitems.handlers import current_worker_id
-from django_workitems.models import Handler
+from django_workitems.models import Handler, WorkItemQuerySet
 from django_workitems.testing import run_handler
 from tests.conftest import wait_for
 from tests.factories import WorkerFactory
@@ -367,3 +368,88 @@ def test_a_suspect_given_up_as_hung_no_longer_holds_back_take_backs():
     assert other.pk != suspect.pk and handler.isolate(other)
     # The hung one stays claimed by this live worker: nobody takes it back meanwhile.
     assert Task.objects.get(pk=suspect.pk).claimed_by_id == alive.pk
+
+
+postgres_only = pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="PostgreSQL only: its claim is one compiled statement"
+)
+
+
+@pytest.mark.django_db
+def test_claimed_rows_are_built_as_a_read_of_the_row_would_build_them():
+    Task.objects.create(payload={"tags": ["a", "b"], "n": 1}, price="12.50")
+    (claimed,) = Task.objects.claim(5, worker_id=None)
+
+    read = Task.objects.get(pk=claimed.pk)
+    for field in Task._meta.concrete_fields:
+        assert getattr(claimed, field.attname) == getattr(read, field.attname), field.name
+    assert claimed.payload == {"tags": ["a", "b"], "n": 1}  # JSON decoded, not a string
+    assert str(claimed.price) == "12.50"
+    assert claimed._state.adding is False and claimed._state.db == "default"
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_of_its_own_does_not_wait_for_its_wal_flush_and_leaves_the_session_as_it_was():
+    Task.objects.bulk_create([Task() for _ in range(3)])
+    assert len(Task.objects.claim(1, worker_id=None)) == 1
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone() == ("on",)  # the setting was local to the claim's commit
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_inside_the_callers_transaction_leaves_its_durability_alone():
+    from django.db import transaction
+
+    Task.objects.bulk_create([Task() for _ in range(3)])
+    with transaction.atomic(), connection.cursor() as cursor:
+        assert len(Task.objects.claim(1, worker_id=None)) == 1
+        Handler.objects.create(name="anything")
+        assert recording.request_run("anything")  # the same holds for a wake-up request
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone() == ("on",)
+
+
+@postgres_only
+@pytest.mark.django_db
+def test_a_handler_compiles_its_claim_once_for_every_activation():
+    from django_workitems import claims
+    from django_workitems.models import ClaimStatement
+
+    Task.objects.bulk_create([Task() for _ in range(5)])
+    compiled: list[ClaimStatement[Task]] = []
+    original = ClaimStatement.__init__
+
+    def counting(self: ClaimStatement[Task], candidates: object) -> None:
+        compiled.append(self)
+        original(self, candidates)
+
+    claims._statements.pop(TaskHandler.queryset, None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ClaimStatement, "__init__", counting)
+        token = workitems.CancellationToken()
+        for _ in range(5):  # a new handler each time, as each activation makes one
+            assert len(TaskHandler().fetch_next(1, token)) == 1
+    claimed = [c for c in compiled if c.model is Task]
+    # Once each: the plain claim, and the two kinds of take-back of a sweep for dead workers.
+    assert len(claimed) <= 3
+    assert Task.objects.filter(status="processing").count() == 5
+
+
+@pytest.mark.django_db
+def test_a_handler_whose_get_queryset_changes_claims_from_the_queryset_of_each_fetch():
+    Task.objects.bulk_create([Task(action=a) for a in ("ok", "fail", "ok", "fail")])
+
+    class Picky(TaskHandler):
+        wanted = "ok"
+
+        def get_queryset(self) -> WorkItemQuerySet[Task]:
+            return super().get_queryset().filter(action=self.wanted)
+
+    handler = Picky()
+    token = workitems.CancellationToken()
+    assert {t.action for t in handler.fetch_next(10, token)} == {"ok"}
+    handler.wanted = "fail"
+    assert [t.action for t in handler.fetch_next(10, token)] == ["fail", "fail"]

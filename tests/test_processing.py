@@ -8,7 +8,9 @@ import threading
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.test import override_settings
+from django.utils import timezone
 
 import django_workitems as workitems
 from django_workitems import recording
@@ -518,3 +520,30 @@ def test_a_handlers_own_log_lines_carry_the_handler_run_and_item(registry, caplo
             result["chatty"].run_id,
             item,
         )
+
+
+@pytest.mark.django_db
+def test_a_run_reserved_ahead_is_inserted_once_however_often_it_is_written():
+    from tests.factories import WorkerFactory
+
+    handler = Handler.objects.create(name="reserved")
+    worker = WorkerFactory()
+    ids = recording.reserve_run_ids(3)
+    if connection.vendor != "postgresql":
+        assert ids == []  # elsewhere a run's id comes with its row
+        return
+    assert len(set(ids)) == 3
+    started = timezone.now()
+    for _ in range(2):  # a retry after a lost reply writes it again
+        assert (
+            recording.create_run(
+                handler.pk, worker_id=worker.pk, started_at=started, items_fetched=2, run_id=ids[1]
+            )
+            == ids[1]
+        )
+    run = HandlerRun.objects.get(handler=handler)
+    assert (run.pk, run.items_fetched, run.status) == (ids[1], 2, "running")
+    later = recording.create_run(
+        handler.pk, worker_id=worker.pk, started_at=timezone.now(), items_fetched=1
+    )
+    assert later not in ids  # runs inserted without a reserved id take the sequence's next

@@ -362,9 +362,17 @@ def test_plan_counts_busy_handlers_as_contenders_for_the_share():
 
 
 def test_plan_never_hands_out_more_than_the_room_and_serves_in_turn():
+    asked = plan_once(activations(10, allowance=10), room=34, capacity=100)
+    assert sum(asked.values()) <= 34
+    assert list(asked) == ["h000", "h001", "h002"], "the next in turn waits: 4 is not half of 10"
+
+
+def test_the_next_in_turn_takes_the_rest_once_half_its_ask_fits():
     asked = plan_once(activations(10, allowance=10), room=35, capacity=100)
-    assert sum(asked.values()) <= 35
-    assert list(asked) == ["h000", "h001", "h002"], "the next in turn waits for its whole ask"
+    assert asked == {"h000": 10, "h001": 10, "h002": 10, "h003": 5}
+    # One handler draining a backlog refetches when the channel is half empty, not empty.
+    assert plan_once(activations(1, allowance=1000), room=50, capacity=100) == {"h000": 50}
+    assert plan_once(activations(1, allowance=1000), room=49, capacity=100) == {}
 
 
 def test_plan_with_no_room_plans_nothing():

@@ -27,6 +27,9 @@ class Task(WorkItemModel):
 
     action = models.CharField(max_length=20, default="ok")  # ok | fail | crash | sleep
     seconds = models.FloatField(default=0)
+    # Fields the database hands back raw, for Django to convert on read.
+    payload = models.JSONField(default=dict)
+    price = models.DecimalField(max_digits=8, decimal_places=2, default=0)
 
     class Meta(WorkItemModel.Meta):
         app_label = "testapp"
