@@ -181,6 +181,7 @@ _local_book = ClaimBook()
 
 _statements: weakref.WeakKeyDictionary[QuerySet[Any], dict[tuple[Any, ...], ClaimStatement[Any]]]
 _statements = weakref.WeakKeyDictionary()
+_statements_lock = threading.Lock()
 """Compiled claims by handler ``queryset`` (a class attribute, compiled once per process:
 every activation makes a new handler), then by database, worker and kind of claim."""
 
@@ -316,10 +317,12 @@ class QuerySetHandler(WorkItemHandler[M]):
         if self.queryset is None:
             return None
         key = (qs.db, worker_id, *sorted(kw.items()))
-        kept = _statements.setdefault(self.queryset, {})
-        statement = kept.get(key)
+        with _statements_lock:
+            statement = _statements.setdefault(self.queryset, {}).get(key)
         if statement is None:
-            statement = kept[key] = ClaimStatement(qs.claim_candidates(worker_id=worker_id, **kw))
+            statement = ClaimStatement(qs.claim_candidates(worker_id=worker_id, **kw))
+            with _statements_lock:
+                statement = _statements.setdefault(self.queryset, {}).setdefault(key, statement)
         return statement
 
     def _take_back(

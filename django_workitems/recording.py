@@ -194,31 +194,8 @@ def create_run(
     does nothing; without, a retry after a lost reply finds the row the first attempt inserted
     (same handler, worker and start time) instead of adding a second one.
     """
-    if run_id is not None:
-        HandlerRun.objects.bulk_create(
-            [
-                HandlerRun(
-                    pk=run_id,
-                    handler_id=handler_id,
-                    worker_id=worker_id,
-                    started_at=started_at,
-                    items_fetched=items_fetched,
-                    status=status,
-                    error=error[:MAX_MESSAGE],
-                    finished_at=None if status == RunStatus.RUNNING else timezone.now(),
-                )
-            ],
-            ignore_conflicts=True,
-        )
-        return run_id
-    existing = (
-        HandlerRun.objects.filter(handler_id=handler_id, worker_id=worker_id, started_at=started_at)  # type: ignore[misc]  # worker_id None matches no row: then a run is inserted
-        .values_list("pk", flat=True)
-        .first()
-    )
-    if existing is not None:
-        return int(existing)
-    run = HandlerRun.objects.create(
+    run = HandlerRun(
+        pk=run_id,
         handler_id=handler_id,
         worker_id=worker_id,
         started_at=started_at,
@@ -227,6 +204,17 @@ def create_run(
         error=error[:MAX_MESSAGE],
         finished_at=None if status == RunStatus.RUNNING else timezone.now(),
     )
+    if run_id is not None:
+        HandlerRun.objects.bulk_create([run], ignore_conflicts=True)
+        return run_id
+    existing = (
+        HandlerRun.objects.filter(handler_id=handler_id, worker_id=worker_id, started_at=started_at)  # type: ignore[misc]  # worker_id None matches no row: then a run is inserted
+        .values_list("pk", flat=True)
+        .first()
+    )
+    if existing is not None:
+        return int(existing)
+    run.save(force_insert=True)
     return int(run.pk)
 
 
@@ -435,9 +423,14 @@ class RunRecorder:
 
     def _reserved_run_id(self) -> int | None:
         with self._run_ids_lock:
-            if not self._run_ids and self._reserves_ids:
-                self._run_ids = reserve_run_ids(RUN_ID_BLOCK)
-                self._reserves_ids = bool(self._run_ids)
+            if self._run_ids or not self._reserves_ids:
+                return self._run_ids.pop(0) if self._run_ids else None
+        # Outside the lock: no fetch thread waits on another's round trip. Two threads that
+        # both found the block empty each reserve one; the ids are all kept.
+        ids = reserve_run_ids(RUN_ID_BLOCK)
+        with self._run_ids_lock:
+            self._reserves_ids = bool(ids)
+            self._run_ids.extend(ids)
             return self._run_ids.pop(0) if self._run_ids else None
 
     def track(self, activation: Activation, run_id: int | None, *, created: bool = True) -> None:
