@@ -36,7 +36,7 @@ from .activation import Activation, ActivationResult, CycleResult
 from .conf import app_settings
 from .handlers import CancellationToken, Purpose
 from .log import plural
-from .models import RunStatus, Worker
+from .models import RunStatus, Worker, request_run
 from .processing import WorkItemProcessingService
 from .registry import HandlerRegistry, Registration
 from .registry import registry as default_registry
@@ -250,7 +250,7 @@ class BackgroundProcessingService:
             os._exit(130)
         return False
 
-    def _take_over(self, names: list[str]) -> None:
+    def _take_over(self, scheduler: Scheduler, names: list[str]) -> None:
         """A dead worker's runs were abandoned: run its handlers here at once.
 
         Not the scheduled ones: their slot, if it did not end, is run again through the slot
@@ -259,7 +259,7 @@ class BackgroundProcessingService:
         scheduled = {r.name for r in self.registrations if r.schedule is not None}
         for name in names:
             if name not in scheduled:
-                self._post(_Request(name))
+                scheduler.request(name)
 
     def _post(self, event: _Event) -> None:
         self._events.put(event)
@@ -282,7 +282,6 @@ class BackgroundProcessingService:
             lease_owner=self.worker.lease_owner,
             cancel=self._token,
             waker=self._waker,
-            on_dead_workers=self._take_over,
         )
         self._service = service
         listener = None
@@ -357,6 +356,7 @@ class BackgroundProcessingService:
             while not self._stop_requested:
                 now = time.monotonic()
                 states = self._apply_events(scheduler, states)
+                self._take_over(scheduler, service.keeper.take_orphaned())
                 step = service.step()
                 for activation in step.fetching_ended:
                     scheduler.fetching_ended(
@@ -620,9 +620,9 @@ def notify(name: str, *, registry: HandlerRegistry | None = None) -> None:
     """Ask running workers to activate handler ``name`` now."""
     registry = registry if registry is not None else default_registry
     registry.get(name)  # an unknown name is an error here, not a silent no-op
-    if not recording.request_run(name):  # no row yet: no worker has started since it was added
+    if not request_run(name):  # no row yet: no worker has started since it was added
         recording.sync_handlers(registry)
-        recording.request_run(name)
+        request_run(name)
 
 
 def resident_memory_mb() -> float:

@@ -7,7 +7,10 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from .pool import Waker
 
 E = TypeVar("E")
 
@@ -20,10 +23,11 @@ class FairChannel(Generic[E]):
     more than they were given room for). ``take`` skips keys at their concurrency limit.
     An entry put with ``solo=True`` is handed out only when nothing else is in process, and
     nothing else is handed out while it is: a suspect item runs alone.
-    One condition variable guards all state; callbacks run outside it.
+    One condition variable guards all state; the waker (told when room is freed, so the
+    coordinator plans the next fetches) is woken outside it.
     """
 
-    def __init__(self, capacity: int, on_room: Callable[[], None] | None = None) -> None:
+    def __init__(self, capacity: int, waker: Waker | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity!r}")
         self.capacity = capacity
@@ -38,7 +42,7 @@ class FairChannel(Generic[E]):
         self._busy = 0  # entries in process, all keys
         self._solo_running = False
         self._closed = False
-        self._on_room = on_room
+        self._waker = waker
         self._low_water = max(1, capacity // 2)
 
     # -- producers --------------------------------------------------------------------------
@@ -253,5 +257,5 @@ class FairChannel(Generic[E]):
             return self._size
 
     def _room_freed(self) -> None:
-        if self._on_room is not None:
-            self._on_room()
+        if self._waker is not None:
+            self._waker.wake()

@@ -37,6 +37,7 @@ from django.db import DatabaseError, connections
 from django.db.models import F, Q
 from django.db.models.query import QuerySet
 
+from .conf import app_settings
 from .exceptions import Cancelled
 from .handlers import CancellationToken, WorkItemHandler, call_handler, current_worker_id
 from .log import plural
@@ -253,8 +254,6 @@ class QuerySetHandler(WorkItemHandler[M]):
     # -- fetching -------------------------------------------------------------------------
 
     def fetch_next(self, max_items: int, cancel: CancellationToken) -> list[M]:
-        from .conf import app_settings
-
         qs = self.get_queryset()
         self.claims.settle(qs.model)
         worker_id = current_worker_id.get()

@@ -16,15 +16,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import DatabaseError
 from django.db.models import Q
 
 from . import hygiene, recording
 from .models import Handler, db_now, db_now_plus
+
+if TYPE_CHECKING:
+    from .claims import ClaimBook
+    from .pool import Waker
 
 logger = logging.getLogger("django_workitems.leases")
 
@@ -69,10 +72,6 @@ class Lease:
         return f"<Lease handler={self.handler_id} valid={self.valid()}>"
 
 
-def _nothing() -> None:
-    pass
-
-
 class LeaseKeeper:
     """Owns every lease of this process and the worker's heartbeat; one thread renews them."""
 
@@ -82,14 +81,17 @@ class LeaseKeeper:
         owner: str,
         ttl: timedelta,
         worker_id: int | None = None,
-        on_dead_workers: Callable[[list[str]], None] | None = None,
-        on_beat: Callable[[], None] | None = None,
+        claims: ClaimBook | None = None,
+        waker: Waker | None = None,
     ) -> None:
         self.owner = owner
-        self._on_beat = on_beat
         self.ttl = ttl
         self.worker_id = worker_id
-        self._on_dead_workers = on_dead_workers
+        self._claims = claims
+        """Whose unconfirmed writes each heartbeat settles."""
+        self._waker = waker
+        """Woken when the heartbeat found dead workers (:meth:`take_orphaned`)."""
+        self._orphaned: dict[str, None] = {}  # a set in the order found: bounded by the handlers
         self._held: dict[int, Lease] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -197,8 +199,22 @@ class LeaseKeeper:
             logger.warning(
                 "Marked runs of dead workers abandoned (handlers: %s)", ", ".join(handlers)
             )
-            if self._on_dead_workers is not None:
-                self._on_dead_workers(handlers)
+            with self._lock:
+                self._orphaned.update(dict.fromkeys(handlers))
+            if self._waker is not None:
+                self._waker.wake()
+
+    def take_orphaned(self) -> list[str]:
+        """Handlers whose runs the heartbeat found abandoned by dead workers since the last call
+        (the loop runs them at once, so their rows do not wait for the next poll)."""
+        with self._lock:
+            names, self._orphaned = list(self._orphaned), {}
+        return names
+
+    def settle(self) -> None:
+        """Write the outcomes and undo the claims the database did not confirm."""
+        if self._claims is not None:
+            self._claims.settle()
 
     def _run(self) -> None:
         try:
@@ -206,7 +222,7 @@ class LeaseKeeper:
                 for job, what in (
                     (self.renew, "renew leases"),
                     (self.beat, "heartbeat"),
-                    (self._on_beat or _nothing, "write the outcomes kept for the database"),
+                    (self.settle, "write the outcomes kept for the database"),
                 ):
                     try:
                         job()

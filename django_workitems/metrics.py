@@ -22,16 +22,21 @@ import logging
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError
+from django.db.models import Count
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
 
-if TYPE_CHECKING:
-    from .registry import HandlerRegistry
+from .claims import QuerySetHandler
+from .conf import app_settings
+from .handlers import call_handler
+from .models import HandlerRun, Worker, db_now
+from .registry import HandlerRegistry
+from .registry import registry as default_registry
 
 try:
     import prometheus_client
@@ -285,12 +290,6 @@ class DeploymentCollector(Collector if prometheus_client is not None else object
         self.handlers = handlers
 
     def collect(self) -> Iterator[Any]:
-        from django.db.models import Count
-
-        from .conf import app_settings
-        from .models import HandlerRun, Worker
-        from .registry import registry as default_registry
-
         handlers = self.handlers if self.handlers is not None else default_registry
 
         alive = Worker.objects.alive(app_settings.lease_timeout).count()
@@ -341,10 +340,6 @@ class DeploymentCollector(Collector if prometheus_client is not None else object
 
 def _handler_figures(registration: Any) -> tuple[int | None, float | None] | None:
     """(backlog, oldest claimable age in seconds) of one handler; None when they raised."""
-    from .claims import QuerySetHandler
-    from .handlers import call_handler
-    from .models import db_now
-
     name = registration.name
     try:
         with registration.instance() as handler:

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from . import hygiene
 from .handlers import CancellationToken, current_worker_id
@@ -57,6 +57,15 @@ class FetchJob:
                 return False
             self._state = "given up"
             return True
+
+
+class Taken(NamedTuple):
+    """An item taken away from a pool thread that did not return from it in time."""
+
+    activation: Activation
+    item: Any
+    key: str
+    started: float
 
 
 class Slot:
@@ -113,13 +122,13 @@ class Slot:
             self.token = None
             return True
 
-    def give_up(self) -> tuple[Activation, Any, str, float] | None:
+    def give_up(self) -> Taken | None:
         """Take the item away from this thread; None when it has just returned."""
         with self._lock:
             if self.given_up or self.activation is None:
                 return None
             self.given_up = True
-            return self.activation, self.item, self.key, self.started
+            return Taken(self.activation, self.item, self.key, self.started)
 
 
 class FetchPool:
@@ -214,6 +223,19 @@ class DurationStats:
 
     def get(self, name: str) -> float | None:
         return self._seconds.get(name)
+
+
+class Waker(Protocol):
+    """Wakes a coordinator blocked in :meth:`wait`; ``wake`` is thread-safe and never blocks.
+
+    Threads that have news for the coordinator post it where the coordinator looks (its event
+    queue, the channel, the lease keeper's orphaned handlers) and wake it: nothing calls back
+    into the coordinator's state.
+    """
+
+    def wake(self) -> None: ...
+
+    def wait(self, timeout: float | None) -> None: ...
 
 
 class EventWaker:

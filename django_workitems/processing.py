@@ -67,6 +67,7 @@ from .pool import (
     FetchJob,
     FetchPool,
     Slot,
+    Waker,
     join_all,
 )
 from .registry import Registration
@@ -165,8 +166,7 @@ class WorkItemProcessingService:
         worker_id: int | None = None,
         lease_owner: str | None = None,
         cancel: CancellationToken | None = None,
-        waker: Any = None,
-        on_dead_workers: Callable[[list[str]], None] | None = None,
+        waker: Waker | None = None,
     ) -> None:
         self.workers = workers if workers is not None else app_settings.workers
         self.queue_size = queue_size if queue_size is not None else app_settings.queue_size
@@ -178,15 +178,15 @@ class WorkItemProcessingService:
         )
         self.token = cancel or CancellationToken()
         self._waker = waker if waker is not None else EventWaker()
-        self.channel: FairChannel[Entry] = FairChannel(self.queue_size, on_room=self._waker.wake)
+        self.channel: FairChannel[Entry] = FairChannel(self.queue_size, waker=self._waker)
         self.claims = ClaimBook()
         """The claim state of this process's ``QuerySetHandler`` activations."""
         self.keeper = LeaseKeeper(
             owner=owner,
             ttl=self.lease_timeout,
             worker_id=worker_id,
-            on_dead_workers=on_dead_workers,
-            on_beat=self.claims.settle,
+            claims=self.claims,
+            waker=self._waker,
         )
         self.recorder = recording.RunRecorder(worker_id=worker_id)
         self.stats = DurationStats()
@@ -349,7 +349,7 @@ class WorkItemProcessingService:
         reg = activation.registration
         items: list[Any] = []
         error: BaseException | None = None
-        skipped = ""
+        skipped: str | None = None  # why the fetch did not run, when it did not
         ran = False
         context = log_context.set((activation.name, activation.run_id, None))
         try:
@@ -359,7 +359,7 @@ class WorkItemProcessingService:
                 if activation.lease is None:
                     holder = self.keeper.holder(activation.handler_id) or "an unknown process"
                     skipped = f"another process holds its lease ({holder})"
-            if not skipped:
+            if skipped is None:
                 activation.token.raise_if_cancelled()
                 if activation.handler is None:
                     activation.handler = reg.create_handler()
@@ -384,7 +384,7 @@ class WorkItemProcessingService:
             return
         if ran:
             self.recorder.checked(activation.handler_id)
-        if error is not None or skipped or not items:
+        if error is not None or skipped is not None or not items:
             self.channel.unreserve(activation.name, job.ask)
             if error is not None:
                 logger.error(
@@ -396,7 +396,7 @@ class WorkItemProcessingService:
                     extra=activation.log_extra(),
                 )
                 step = activation.fetch_failed(format_exception(error))
-            elif skipped:
+            elif skipped is not None:
                 logger.debug(
                     "Handler %s skipped: %s", activation.name, skipped, extra=activation.log_extra()
                 )
@@ -732,7 +732,7 @@ class WorkItemProcessingService:
         taken = slot.give_up()
         if taken is None:
             return
-        activation, item, key, started = taken
+        activation, item, started = taken.activation, taken.item, taken.started
         with self._given_up_lock:
             self.given_up += 1
         metrics.set_given_up_threads(self.given_up)
@@ -764,7 +764,7 @@ class WorkItemProcessingService:
             # longer holds back the take-back of other dead workers' rows.
             activation.handler.given_up(item)
         step = activation.item_ended(ItemOutcome.FAILED, failure)
-        self.channel.task_done(key)
+        self.channel.task_done(taken.key)
         metrics.record_item(activation.name, ItemOutcome.FAILED.value, seconds)
         self._after(activation, step, on_coordinator=True)
         # Its neighbours that never started go back to the source: other workers may take them.
@@ -914,8 +914,8 @@ class WorkItemProcessingService:
             taken = slot.give_up()
             if taken is None:
                 continue
-            activation, item, _key, _started = taken
-            item_id = describe_item(item)
+            activation = taken.activation
+            item_id = describe_item(taken.item)
             logger.warning(
                 "Handler %s: item %s still in process after the shutdown timeout of %.1fs",
                 activation.name,

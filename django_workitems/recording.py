@@ -21,7 +21,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from . import hygiene, wakeups
+from . import hygiene
 from .log import plural
 from .models import (
     Handler,
@@ -31,7 +31,6 @@ from .models import (
     Worker,
     db_now,
     db_now_plus,
-    quoted_column,
 )
 from .registry import Registration
 
@@ -116,41 +115,6 @@ def handler_states(names: Iterable[str]) -> dict[str, HandlerState]:
             name__in=list(names)
         ).values_list("name", "pk", "is_enabled", "run_requested_at")
     }
-
-
-def request_run(name: str, using: str = DEFAULT_DB_ALIAS) -> bool:
-    """Ask running workers to activate ``name`` now; False when it has no ``Handler`` row.
-
-    Sets ``run_requested_at`` (workers read it within a second) and, on PostgreSQL, sends the
-    ``NOTIFY`` that wakes them at once: both in one statement, so one round trip and one commit
-    (inside a transaction, the notification goes out with its commit).
-    """
-    connection = connections[using]
-    if connection.vendor != "postgresql":
-        updated = (
-            Handler.objects.using(using).filter(name=name).update(run_requested_at=timezone.now())
-        )
-        return updated == 1
-    quote = connection.ops.quote_name
-    meta = Handler._meta
-    column = {f: quoted_column(Handler, f, using=using) for f in ("name", "run_requested_at")}
-    # A request of its own (autocommit) commits without waiting for its WAL flush: the request
-    # is a hint (a database crash that loses it loses nothing but a wake-up), and the wait is
-    # most of its time. Inside the caller's transaction the setting would apply to all of it.
-    own = connection.get_autocommit() and not connection.in_atomic_block
-    asynchronous = "SELECT set_config('synchronous_commit', 'off', true) AS setting"
-    # Only this model's quoted identifiers are interpolated; values are parameters.
-    sql = (
-        f"WITH requested AS (UPDATE {quote(meta.db_table)} "  # noqa: S608
-        f"SET {column['run_requested_at']} = %s WHERE {column['name']} = %s "
-        f"RETURNING {column['name']})"
-        + (f", unflushed AS MATERIALIZED ({asynchronous})" if own else "")
-        + f" SELECT pg_notify(%s, {column['name']}) FROM requested"  # noqa: S608
-        + (" WHERE (SELECT setting FROM unflushed) = 'off'" if own else "")
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [timezone.now(), name, wakeups.CHANNEL])
-        return len(cursor.fetchall()) == 1
 
 
 def _db_now_minus(delta: timedelta) -> Any:

@@ -1,5 +1,5 @@
 """Instant wake-ups on PostgreSQL: ``NOTIFY`` from ``notify()`` (in the same statement as the
-request, see ``recording.request_run``), ``LISTEN`` in every worker.
+request, see ``models.request_run``), ``LISTEN`` in every worker.
 
 Elsewhere workers see ``Handler.run_requested_at`` within a second, so this is an
 accelerator, never the only path: a lost notification costs at most that second.

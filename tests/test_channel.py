@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 
 import pytest
 
@@ -27,13 +28,13 @@ def take_all(channel):
 
 
 class Recorder:
-    """An ``on_room`` callback that counts its calls and lets a test wait for one."""
+    """A waker that counts its calls and lets a test wait for one."""
 
     def __init__(self):
         self.calls = 0
         self.event = threading.Event()
 
-    def __call__(self):
+    def wake(self):
         self.calls += 1
         self.event.set()
 
@@ -474,12 +475,12 @@ def test_concurrent_takers_get_every_entry_exactly_once():
     assert channel.room() == 1000
 
 
-# -- on_room --------------------------------------------------------------------------------------
+# -- waking the coordinator ----------------------------------------------------------------------
 
 
-def test_on_room_when_a_keys_queue_empties():
+def test_waker_when_a_keys_queue_empties():
     recorder = Recorder()
-    channel = FairChannel(100, on_room=recorder)
+    channel = FairChannel(100, waker=recorder)
     fill(channel, "a", [1, 2, 3])
     channel.take(timeout=0)
     channel.take(timeout=0)
@@ -488,9 +489,9 @@ def test_on_room_when_a_keys_queue_empties():
     assert recorder.calls == 1
 
 
-def test_on_room_at_the_low_water_mark():
+def test_waker_at_the_low_water_mark():
     recorder = Recorder()
-    channel = FairChannel(4, on_room=recorder)  # low water: 2 free slots
+    channel = FairChannel(4, waker=recorder)  # low water: 2 free slots
     fill(channel, "a", [1, 2, 3, 4])
     channel.take(timeout=0)
     assert recorder.calls == 0  # room 1
@@ -498,34 +499,34 @@ def test_on_room_at_the_low_water_mark():
     assert recorder.calls == 1  # room 2: half the channel is free
 
 
-def test_on_room_on_unreserve():
+def test_waker_on_unreserve():
     recorder = Recorder()
-    channel = FairChannel(10, on_room=recorder)
+    channel = FairChannel(10, waker=recorder)
     channel.reserve("a", 5)
     channel.unreserve("a", 5)
     assert recorder.calls == 1
 
 
-def test_on_room_when_a_short_batch_gives_back_its_reservation():
+def test_waker_when_a_short_batch_gives_back_its_reservation():
     recorder = Recorder()
-    channel = FairChannel(10, on_room=recorder)
+    channel = FairChannel(10, waker=recorder)
     channel.put("a", [1], channel.reserve("a", 5))
     assert recorder.calls == 1
     channel.put("b", [1, 2], channel.reserve("b", 2))  # full batch: no room freed
     assert recorder.calls == 1
 
 
-def test_on_room_is_called_outside_the_lock():
+def test_waker_is_called_outside_the_lock():
     channel = None
     finished = []
 
-    def on_room():
+    def wake():
         # Another thread must be able to use the channel while the callback runs.
         other = threading.Thread(target=lambda: finished.append(channel.room()), daemon=True)
         other.start()
         other.join(WAIT)
 
-    channel = FairChannel(10, on_room=on_room)
+    channel = FairChannel(10, waker=types.SimpleNamespace(wake=wake))
     fill(channel, "a", [1])
     channel.take(timeout=0)
     assert finished == [10]
@@ -534,7 +535,7 @@ def test_on_room_is_called_outside_the_lock():
     assert finished == [10, 10]
 
 
-def test_no_on_room_callback_is_fine():
+def test_no_waker_is_fine():
     channel = FairChannel(2)
     fill(channel, "a", [1])
     assert channel.take(timeout=0) == ("a", 1)

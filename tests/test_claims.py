@@ -12,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 import django_workitems as workitems
-from django_workitems import recording
+from django_workitems import models
 from django_workitems.background import run_once
 from django_workitems.handlers import current_worker_id
 from django_workitems.models import Handler, WorkItemQuerySet
@@ -407,7 +407,7 @@ def test_a_claim_inside_the_callers_transaction_leaves_its_durability_alone():
     with transaction.atomic(), connection.cursor() as cursor:
         assert len(Task.objects.claim(1, worker_id=None)) == 1
         Handler.objects.create(name="anything")
-        assert recording.request_run("anything")  # the same holds for a wake-up request
+        assert models.request_run("anything")  # the same holds for a wake-up request
         cursor.execute("SHOW synchronous_commit")
         assert cursor.fetchone() == ("on",)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+import uuid
 from collections import Counter
 from datetime import timedelta
 
@@ -15,8 +16,9 @@ from django.db import connection
 from django.utils import timezone
 
 from django_workitems.background import notify
-from django_workitems.models import HandlerRun, RunStatus, Worker
+from django_workitems.models import Handler, HandlerRun, RunStatus, Worker
 from tests.conftest import wait_for
+from tests.factories import HandlerFactory, HandlerRunFactory, WorkerFactory
 from tests.testapp.models import Activity, Job, ProcessLog, Task
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -102,6 +104,46 @@ def test_kill_9_mid_batch_another_worker_finishes_every_row(start_worker):
     assert in_flight <= processed
     assert HandlerRun.objects.filter(worker=dead, status=RunStatus.ABANDONED).exists()
     assert not HandlerRun.objects.filter(worker=dead, status=RunStatus.RUNNING).exists()
+
+
+def test_an_idle_worker_takes_a_dead_workers_rows_back_without_waiting_for_its_poll(
+    start_worker,
+):
+    """The heartbeat that finds a worker dead asks for its handlers at once: a survivor that
+    polls once an hour takes the rows back within seconds of the death becoming visible."""
+    dead = WorkerFactory(hostname="gone")
+    HandlerRunFactory(handler=HandlerFactory(name="tasks"), worker=dead, status=RunStatus.RUNNING)
+    Task.objects.bulk_create(
+        [
+            Task(
+                status="processing",
+                claimed_by=dead,
+                claimed_at=timezone.now(),
+                claim_token=uuid.uuid4(),
+                attempts=1,
+            )
+            for _ in range(10)
+        ]
+    )
+
+    def heartbeat_and_check() -> bool:
+        # The dead worker looks alive until the survivor's first fetch has come back empty.
+        Worker.objects.filter(pk=dead.pk).update(last_heartbeat_at=timezone.now())
+        return Handler.objects.filter(name="tasks", last_checked_at__isnull=False).exists()
+
+    survivor = start_worker("--handler", "tasks", "--poll-interval", "01:00:00", **FAST_LEASE)
+    wait_for(heartbeat_and_check, timeout=60, message="the survivor's first (empty) fetch")
+    assert not Task.objects.exclude(status="processing").exists(), "taken from a live worker"
+
+    # The heartbeat stops: the death is visible LEASE_TIMEOUT (2 s) later.
+    wait_for(
+        lambda: Task.objects.filter(status="succeeded").count() == 10,
+        timeout=45,
+        message="the dead worker's rows, long before the survivor's next poll",
+    )
+    stop_all([survivor])
+    assert HandlerRun.objects.filter(worker=dead, status=RunStatus.ABANDONED).count() == 1
+    assert set(Task.objects.values_list("attempts", flat=True)) == {2}
 
 
 def test_a_poison_row_ends_failed_and_its_batch_mates_succeed(start_worker):
