@@ -14,8 +14,8 @@ its run (the recorder thread). Who owns what:
 - the threads themselves (the fetch pool, what each pool thread is doing) are in
   :mod:`django_workitems.pool`, and async items run on :mod:`django_workitems.aio`'s loop.
 
-Threads report to the coordinator only by posting events (a fetch ended, an activation went
-idle or finished) and waking it; nothing calls back into its state.
+Threads report to the coordinator only by posting events (a fetch ended, an activation
+finished) and waking it; nothing calls back into its state.
 
 Hung work is contained, not killed (Python cannot kill a thread): a fetch past its timeout is
 recorded failed and whatever it returns later is released; an item past its timeout has its
@@ -126,18 +126,11 @@ class FetchEnded:
 
 
 @dataclass(frozen=True)
-class Idle:
-    """An activation has nothing outstanding and may fetch again."""
-
-    activation: Activation
-
-
-@dataclass(frozen=True)
 class Finished:
     activation: Activation
 
 
-Event = FetchEnded | Idle | Finished
+Event = FetchEnded | Finished
 
 
 @dataclass

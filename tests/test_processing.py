@@ -14,9 +14,12 @@ from django.utils import timezone
 
 import django_workitems as workitems
 from django_workitems import recording
+from django_workitems.activation import Activation, ItemOutcome, RunSnapshot, Step
 from django_workitems.background import run_once
+from django_workitems.handlers import CancellationToken
 from django_workitems.leases import LeaseKeeper
 from django_workitems.models import Handler, HandlerRun, ItemFailure, RunStatus
+from django_workitems.registry import HandlerRegistry
 from tests.conftest import ListHandler, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -547,3 +550,96 @@ def test_a_run_reserved_ahead_is_inserted_once_however_often_it_is_written():
         handler.pk, worker_id=worker.pk, started_at=timezone.now(), items_fetched=1
     )
     assert later not in ids  # runs inserted without a reserved id take the sequence's next
+
+
+def _snapshot(succeeded: int, failed: int, status: RunStatus, error: str = "") -> RunSnapshot:
+    return RunSnapshot(
+        fetched=succeeded + failed,
+        succeeded=succeeded,
+        failed=failed,
+        failures=(),
+        status=status,
+        error=error,
+    )
+
+
+@pytest.mark.django_db
+def test_a_run_ended_in_one_statement_counts_in_the_totals_exactly_once():
+    if not recording.RunStatements.usable():
+        pytest.skip("PostgreSQL only: elsewhere a run ends through write_run")
+    from tests.factories import WorkerFactory
+
+    handler = Handler.objects.create(name="one-statement")
+    worker = WorkerFactory()
+    statements = recording.RunStatements()
+    short, long = recording.reserve_run_ids(2)
+    started = timezone.now()
+    ended = _snapshot(3, 1, RunStatus.PARTIAL, error="one item failed")
+    for attempt in range(2):  # a retry after a lost reply: the row exists, nothing is added
+        inserted = statements.insert(
+            short, handler.pk, worker_id=worker.pk, started_at=started, snapshot=ended
+        )
+        assert inserted is (attempt == 0)
+    run = HandlerRun.objects.get(pk=short)
+    assert (run.status, run.items_fetched, run.items_succeeded, run.items_failed) == (
+        RunStatus.PARTIAL,
+        4,
+        3,
+        1,
+    )
+    assert run.error == "one item failed" and run.finished_at is not None
+    assert run.worker_id == worker.pk and run.started_at == started
+
+    recording.create_run(
+        handler.pk, worker_id=worker.pk, started_at=started, items_fetched=5, run_id=long
+    )
+    done = _snapshot(5, 0, RunStatus.SUCCEEDED)
+    assert statements.finish(long, done)
+    assert not statements.finish(long, done)  # ended already: the totals are not added again
+    assert HandlerRun.objects.get(pk=long).status == RunStatus.SUCCEEDED
+
+    handler.refresh_from_db()
+    assert (handler.total_runs, handler.total_items_succeeded, handler.total_items_failed) == (
+        2,
+        8,
+        1,
+    )
+
+
+@pytest.mark.django_db(transaction=True)  # the recorder's thread must see the rows
+def test_the_recorder_gives_an_abandoned_run_its_counts_but_keeps_its_status():
+    from tests.factories import HandlerRunFactory, WorkerFactory
+
+    worker = WorkerFactory()
+    run = HandlerRunFactory(
+        worker=worker, status=RunStatus.ABANDONED, items_fetched=4, items_succeeded=0
+    )
+
+    class Late(workitems.WorkItemHandler[int]):
+        def fetch_next(self, max_items, cancel):
+            return []
+
+        def process(self, item, cancel):
+            pass
+
+    registration = HandlerRegistry().add_handler(Late, name=run.handler.name).get(run.handler.name)
+    activation = Activation(registration, handler_id=run.handler_id, token=CancellationToken())
+    activation.begin_fetch(4)
+    activation.fetch_returned(4)
+    activation.run_id = run.pk
+    for _ in range(4):
+        activation.item_ended(ItemOutcome.SUCCEEDED)
+    assert activation.stop_fetching() is Step.FINISH
+    activation.conclude()
+    recorder = recording.RunRecorder(worker_id=worker.pk)
+    recorder.track(activation, run.pk)
+    recorder.ended(activation)
+    recorder.start()
+    try:
+        assert recorder.wait_idle(20)
+    finally:
+        recorder.stop(5)
+    run.refresh_from_db()
+    assert (run.status, run.items_succeeded) == (RunStatus.ABANDONED, 4)
+    handler = Handler.objects.get(pk=run.handler_id)
+    assert handler.total_runs == 0, "an abandoned run is not counted again by its late worker"
