@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from django.apps import AppConfig
+from django.apps import AppConfig, apps
 from django.core.checks import CheckMessage, Error, Warning, register
 
 from .conf import SETTINGS, app_settings
+from .models import WorkItemModel
 
 TAG = "django_workitems"
 
@@ -49,10 +50,6 @@ def check_work_item_indexes(
     A subclass declaring ``class Meta:`` of its own (instead of ``Meta(WorkItemModel.Meta)``)
     drops the inherited indexes, and every claim then scans the whole table.
     """
-    from django.apps import apps
-
-    from .models import WorkItemModel
-
     candidates = kwargs.get("models")
     if candidates is None:
         configs = app_configs if app_configs is not None else apps.get_app_configs()

@@ -403,6 +403,32 @@ class WorkItemQuerySet(models.QuerySet[_W]):
         )
 
 
+def mark_succeeded(
+    model: type[WorkItemModel], pks: list[Any], token: uuid.UUID, *, using: str
+) -> int:
+    """PostgreSQL: mark the rows of ``pks`` still under the claim ``token`` ``succeeded``, in
+    one UPDATE whose keys travel as one array; returns how many were."""
+    connection = connections[using]
+    meta = model._meta
+    assert meta.pk is not None
+
+    def column(name: str) -> str:
+        return quoted_column(model, name, using=connection.alias)
+
+    # Only quoted identifiers of this model are interpolated; values are parameters.
+    sql = (
+        f"UPDATE {connection.ops.quote_name(meta.db_table)} SET "  # noqa: S608
+        f"{column('status')} = %s, {column('last_error')} = '', "
+        f"{column('modified')} = STATEMENT_TIMESTAMP() "
+        f"WHERE {column(meta.pk.name)} = ANY(%s) AND {column('claim_token')} = %s "
+        f"AND {column('status')} = %s"
+    )
+    status = WorkItemModel.STATUS
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [status.succeeded, pks, token, status.processing])
+        return int(cursor.rowcount)
+
+
 class ClaimStatement(Generic[_W]):
     """PostgreSQL: ``UPDATE ... WHERE pk IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING``.
 
