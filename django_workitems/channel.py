@@ -230,6 +230,31 @@ class FairChannel(Generic[E]):
             self._size = 0
             return drained
 
+    def make_way(self, key: str, count: int, movable: Callable[[E], bool]) -> list[E]:
+        """Take out up to ``count`` of the newest queued entries of ``key`` that ``movable``
+        accepts (never a solo one), so that as many urgent entries can take their place without
+        the key holding more than before. Returns them, newest first (never started)."""
+        removed: list[E] = []
+        with self._cond:
+            queue = self._queues.get(key)
+            if not queue or count < 1:
+                return removed
+            skipped: list[tuple[E, bool]] = []
+            while queue and len(removed) < count:
+                entry, solo = queue.pop()
+                if solo or not movable(entry):
+                    skipped.append((entry, solo))
+                else:
+                    removed.append(entry)
+            queue.extend(reversed(skipped))
+            self._size -= len(removed)
+            if not queue:
+                with contextlib.suppress(ValueError):
+                    self._ring.remove(key)
+        if removed:
+            self._room_freed()
+        return removed
+
     def remove(self, key: str, predicate: Callable[[E], bool]) -> list[E]:
         """Take out the queued entries of ``key`` that ``predicate`` picks (never started)."""
         with self._cond:

@@ -548,3 +548,30 @@ def test_urgent_entries_go_before_those_of_their_key_already_queued():
     channel.put("a", ["taken-back", "a3"], 0, urgent=1)
     order = [channel.take(timeout=1) for _ in range(4)]
     assert [entry for _, entry in order] == ["taken-back", "a1", "a2", "a3"]
+
+
+def test_make_way_takes_the_newest_movable_entries_of_a_key():
+    recorder = Recorder()
+    channel = FairChannel(10, waker=recorder)
+    granted = channel.reserve("a", 5)
+    solo = [False, False, False, True, False]
+    channel.put("a", ["a1", "keep", "a3", "solo", "a5"], granted, solo)
+    fill(channel, "b", ["b1"])
+    calls = recorder.calls
+
+    moved = channel.make_way("a", 3, lambda entry: entry != "keep")
+
+    assert moved == ["a5", "a3", "a1"]  # newest first; the solo entry and "keep" stay
+    assert len(channel) == 3 and recorder.calls == calls + 1
+    assert sorted(channel.drain()) == [("a", "keep"), ("a", "solo"), ("b", "b1")]
+
+
+def test_make_way_never_takes_more_than_asked_nor_from_other_keys():
+    channel = FairChannel(10)
+    fill(channel, "a", [1, 2, 3])
+    fill(channel, "b", [4])
+    assert channel.make_way("a", 2, lambda entry: True) == [3, 2]
+    assert channel.make_way("a", 0, lambda entry: True) == []
+    assert channel.make_way("c", 5, lambda entry: True) == []
+    assert channel.make_way("a", 5, lambda entry: True) == [1]
+    assert take_all(channel) == [("b", 4)]  # "a" left the turn order once empty

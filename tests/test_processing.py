@@ -643,3 +643,43 @@ def test_the_recorder_gives_an_abandoned_run_its_counts_but_keeps_its_status():
     assert (run.status, run.items_succeeded) == (RunStatus.ABANDONED, 4)
     handler = Handler.objects.get(pk=run.handler_id)
     assert handler.total_runs == 0, "an abandoned run is not counted again by its late worker"
+
+
+def test_rows_taken_back_from_a_dead_worker_take_the_place_of_rows_queued_here():
+    """A busy worker that takes back a dead worker's rows gives back as many of its own rows
+    still queued (the newest), so those that waited longest go first and it hoards no more."""
+    from django_workitems.processing import WorkItemProcessingService
+
+    released: list[str] = []
+
+    class Busy(workitems.WorkItemHandler[str]):
+        def fetch_next(self, max_items, cancel):
+            return []
+
+        def process(self, item, cancel):
+            pass
+
+        def urgent(self, item):
+            return item.startswith("dead")
+
+        def release(self, items):
+            released.extend(items)
+
+    registration = HandlerRegistry().add_handler(Busy, name="busy", exclusive=False).get("busy")
+    service = WorkItemProcessingService(workers=1, queue_size=10)
+    earlier = service.activate(registration, handler_id=1)
+    now = service.activate(registration, handler_id=1)
+    assert earlier is not None and now is not None
+    for activation, items in ((earlier, ["own1", "own2"]), (now, ["own3", "dead0"])):
+        activation.handler = Busy()
+        activation.begin_fetch(len(items))
+        activation.fetch_returned(len(items))
+        granted = service.channel.reserve("busy", len(items))
+        service.channel.put("busy", [(activation, i) for i in items], granted)
+
+    service._make_way(now, 2)
+
+    assert released == ["own3", "own2"]  # the newest own rows; a dead one is never given back
+    assert earlier.result().released == 1 and now.result().released == 1
+    queued = [item for _key, (_a, item) in service.channel.drain()]
+    assert queued == ["own1", "dead0"]
