@@ -426,25 +426,28 @@ class WorkItemProcessingService:
             items = [items[i] for i in order]
             solo = [solo[i] for i in order]
         entries = [(activation, item) for item in items]
-        if any(urgent):
-            self._make_way(activation, sum(urgent))
         if not self.channel.put(activation.name, entries, job.ask, solo, urgent=sum(urgent)):
             # Shutting down meanwhile: the items go back untouched.
             activation.stop_fetching(cancelled=True)
             self._give_back(activation, items, "the worker is shutting down")
             step = activation.items_released(len(items))
+        elif any(urgent):
+            self._make_way(activation, sum(urgent), batch=items)
         return step
 
-    def _make_way(self, activation: Activation, count: int) -> None:
-        """Rows taken back from a dead worker go first, in place of as many of the handler's
-        own rows queued here (given back: other workers, or the next fetch, take them). So the
-        rows that waited longest are not held back behind a queue claimed before the death
-        was seen, and this process holds no more unstarted rows than before."""
+    def _make_way(self, activation: Activation, count: int, *, batch: Sequence[Any]) -> None:
+        """Rows taken back from a dead worker (just queued first) take the place of as many of
+        the handler's own rows queued here before (given back: other workers, or the next
+        fetch, take them). So the rows that waited longest are not held back behind a queue
+        claimed before the death was seen, and this process holds no more unstarted rows."""
+        just_fetched = {id(item) for item in batch}
 
         def movable(entry: Entry) -> bool:
             owner, item = entry
             handler = owner.handler
-            return handler is not None and not _urgent(handler, item)
+            return (
+                id(item) not in just_fetched and handler is not None and not _urgent(handler, item)
+            )
 
         moved = self.channel.make_way(activation.name, count, movable)
         by_activation: dict[Activation, list[Any]] = {}

@@ -670,16 +670,22 @@ def test_rows_taken_back_from_a_dead_worker_take_the_place_of_rows_queued_here()
     earlier = service.activate(registration, handler_id=1)
     now = service.activate(registration, handler_id=1)
     assert earlier is not None and now is not None
-    for activation, items in ((earlier, ["own1", "own2"]), (now, ["own3", "dead0"])):
+    batches = ((earlier, ["own1", "own2"]), (now, ["dead0", "own3"]), (now, ["dead1", "own4"]))
+    for activation, items in batches:
         activation.handler = Busy()
         activation.begin_fetch(len(items))
         activation.fetch_returned(len(items))
         granted = service.channel.reserve("busy", len(items))
-        service.channel.put("busy", [(activation, i) for i in items], granted)
+        urgent = sum(item.startswith("dead") for item in items)
+        service.channel.put("busy", [(activation, i) for i in items], granted, urgent=urgent)
 
-    service._make_way(now, 2)
+    # The last fetch took back dead1 (queued first) and claimed own4 beside it.
+    service._make_way(now, 1, batch=["dead1", "own4"])
 
-    assert released == ["own3", "own2"]  # the newest own rows; a dead one is never given back
-    assert earlier.result().released == 1 and now.result().released == 1
+    assert released == ["own3"]  # the newest own row queued before; never a dead one, nor own4
+    assert now.result().released == 1 and earlier.result().released == 0
+    service._make_way(now, 2, batch=[])
+    assert released == ["own3", "own4", "own2"]
+    assert earlier.result().released == 1 and now.result().released == 2
     queued = [item for _key, (_a, item) in service.channel.drain()]
-    assert queued == ["own1", "dead0"]
+    assert queued == ["dead1", "dead0", "own1"]
