@@ -106,7 +106,9 @@ class FaultProxy:
                         return  # the answer is lost with the connection
                     else:
                         client.sendall(data)
-        except OSError:
+        except (OSError, ValueError):
+            # Closed under it: the connection was cut (a mode change, the proxy's stop) by
+            # another thread while this one waited on it (select raises ValueError for fd -1).
             return
         finally:
             _close(client)
