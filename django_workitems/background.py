@@ -256,6 +256,8 @@ class BackgroundProcessingService:
         Not the scheduled ones: their slot, if it did not end, is run again through the slot
         keeper (once); a request here would run it a second time.
         """
+        if not names:
+            return  # the common case, on every turn of the loop
         scheduled = {r.name for r in self.registrations if r.schedule is not None}
         for name in names:
             if name not in scheduled:

@@ -18,6 +18,7 @@ a worker (``run_handler``, a test) shares a book of its own. A book holds:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -26,7 +27,7 @@ import uuid
 import weakref
 from abc import abstractmethod
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -462,26 +463,21 @@ class QuerySetHandler(WorkItemHandler[M]):
         if not batch:
             return
         model = self.get_queryset().model
+        using = router.db_for_write(model)
         for chunk in _by_token(batch):
             pks, token = [pk for pk, _ in chunk], chunk[0][1]
-            fence = Q(pk__in=pks, claim_token=token, status=WorkItemModel.STATUS.processing)
-            changes = {
-                "status": WorkItemModel.STATUS.succeeded,
-                "last_error": "",
-                "modified": db_now(),
-            }
-            what = plural(len(pks), "success", "successes")
-            using = router.db_for_write(model)
-            if connections[using].vendor == "postgresql":
-                # The same UPDATE with the keys as one array: no per-key compiling and binding.
-                try:
-                    written: int | None = mark_succeeded(model, pks, token, using=using)
-                except DatabaseError:
-                    logger.warning("%s: could not write %s; will retry", model._meta.label, what)
-                    self.claims.keep(_Write(model, fence, changes, what))
-                    written = None
-            else:
-                written = self._write(fence, changes, what)
+            written = self._write(
+                Q(pk__in=pks, claim_token=token, status=WorkItemModel.STATUS.processing),
+                {"status": WorkItemModel.STATUS.succeeded, "last_error": "", "modified": db_now()},
+                plural(len(pks), "success", "successes"),
+                # On PostgreSQL the same UPDATE with the keys as one array: no compiling and
+                # binding of every key (a retry later goes the ORM's way, with the same fence).
+                first_try=(
+                    functools.partial(mark_succeeded, model, pks, token, using=using)
+                    if connections[using].vendor == "postgresql"
+                    else None
+                ),
+            )
             if written is not None and written < len(pks):
                 logger.warning(
                     "%d of %s had been claimed by another worker meanwhile; "
@@ -521,14 +517,25 @@ class QuerySetHandler(WorkItemHandler[M]):
         if written == 0:
             logger.warning("%s: claim lost before its failure could be written", item.pk)
 
-    def _write(self, fence: Q, changes: dict[str, Any], what: str) -> int | None:
+    def _write(
+        self,
+        fence: Q,
+        changes: dict[str, Any],
+        what: str,
+        *,
+        first_try: Callable[[], int] | None = None,
+    ) -> int | None:
         """Write an outcome where ``fence`` holds; None when the database failed (kept for later).
 
-        A row whose outcome cannot be written stays ``processing`` under a live claim, where no
-        other worker would take it: so the write is kept and retried on the next heartbeat.
+        ``first_try``: an equivalent write to make instead of the ORM's ``update`` (a kept write
+        is retried through the ORM). A row whose outcome cannot be written stays ``processing``
+        under a live claim, where no other worker would take it: so the write is kept and
+        retried on the next heartbeat.
         """
         model = self.get_queryset().model
         try:
+            if first_try is not None:
+                return first_try()
             return int(model._base_manager.filter(fence).update(**changes))
         except DatabaseError:
             logger.warning(

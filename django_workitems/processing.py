@@ -450,10 +450,7 @@ class WorkItemProcessingService:
             )
 
         moved = self.channel.make_way(activation.name, count, movable)
-        by_activation: dict[Activation, list[Any]] = {}
-        for owner, item in moved:
-            by_activation.setdefault(owner, []).append(item)
-        for owner, items in by_activation.items():
+        for owner, items in _by_activation(moved).items():
             self._give_back(owner, items, "rows taken back from a dead worker go first")
             self._after(owner, owner.items_released(len(items)))
 
@@ -898,10 +895,8 @@ class WorkItemProcessingService:
         self._stopping = True
         self.token.cancel()
         self.channel.close()
-        by_activation: dict[Activation, list[Any]] = {}
-        for _key, (activation, item) in self.channel.drain():
-            by_activation.setdefault(activation, []).append(item)
-        for activation, items in by_activation.items():
+        drained = _by_activation(entry for _key, entry in self.channel.drain())
+        for activation, items in drained.items():
             activation.stop_fetching(cancelled=True)
             self._fetchers.submit(
                 lambda a=activation, i=items: self._after(  # type: ignore[misc]
@@ -976,6 +971,14 @@ class WorkItemProcessingService:
     def _released(self, activation: Activation, items: list[Any]) -> Step:
         self._give_back(activation, items, "the worker is shutting down")
         return activation.items_released(len(items))
+
+
+def _by_activation(entries: Iterable[Entry]) -> dict[Activation, list[Any]]:
+    """Unstarted items grouped by the activation that fetched them, in their order."""
+    grouped: dict[Activation, list[Any]] = {}
+    for activation, item in entries:
+        grouped.setdefault(activation, []).append(item)
+    return grouped
 
 
 def _seconds(duration: Any) -> float | None:

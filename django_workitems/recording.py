@@ -460,6 +460,7 @@ class RunRecorder:
         self._reserves_ids = True
         self._statements: RunStatements | None = None
         """The one-statement end of a run (PostgreSQL), made on the recorder thread."""
+        self._statements_unusable = False
 
     def start(self) -> None:
         self._thread.start()
@@ -657,7 +658,8 @@ class RunRecorder:
         """End a run with no failures left to write in one statement (PostgreSQL): inserted
         already ended when its row is still to be written, else updated; True when it was."""
         if self._statements is None:
-            if not RunStatements.usable():
+            if self._statements_unusable or not RunStatements.usable():
+                self._statements_unusable = True
                 return False
             self._statements = RunStatements()
         activation = run.activation
@@ -678,11 +680,7 @@ class RunRecorder:
         assert run.run_id is not None
         if not self._statements.finish(run.run_id, snapshot):
             # Not running any more (a live worker marked it abandoned): its counts only.
-            HandlerRun.objects.filter(pk=run.run_id).update(
-                items_fetched=snapshot.fetched,
-                items_succeeded=snapshot.succeeded,
-                items_failed=snapshot.failed,
-            )
+            write_run(run.run_id, activation.handler_id, replace_status(snapshot, None))
         return True
 
 
